@@ -1,0 +1,542 @@
+"""Data sources, patient-level split and the decoded image cache.
+
+Three sources behind one interface, ``list_source`` -> a table of items:
+  kaggle     ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg|png as downloaded
+  npz        a MedMNIST file (pneumoniamnist.npz: {train,val,test}_{images,labels})
+  synthetic  the built-in generator (cxr_ray.synthetic); demo data, not medical data
+
+``build_cache`` decodes every item once (all cores, JPEG DCT downscaling) into a
+memory-mappable uint8 array, keyed by source content and size. ``make_split`` carves
+validation (and test, when the source has none) out of the training pool by patient,
+stratified by label, with byte-identical duplicates kept on one side.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import imaging, synthetic
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+SOURCES = ("kaggle", "npz", "synthetic")
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png"}
+CACHE_VERSION = 1  # bump when decoding or geometry changes
+SYNTHETIC_DEFAULT_IMAGES = 1200
+
+_PATIENT_PATTERNS = [
+    re.compile(r"^(person\d+)_"),  # person1180_virus_2010_1.jpeg
+    re.compile(r"^(NORMAL2-IM-\d+)-"),  # NORMAL2-IM-0373-0001.jpeg
+    re.compile(r"^(IM-\d+)-"),  # IM-0511-0001-0002.jpeg
+    re.compile(r"^(SYN-P\d+)-"),  # synthetic SYN-P00007-02.png
+]
+
+
+class DataError(ValueError):
+    """Unusable data input; the message names the path, file or field."""
+
+
+def parse_patient(filename: str) -> str | None:
+    """Patient id from a Kaggle file name, or None when the name follows no known pattern."""
+    name = os.path.basename(filename)
+    for pattern in _PATIENT_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return m.group(1)
+    return None
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class Source:
+    """A listed data source: one row per item, plus what is needed to load its pixels."""
+
+    kind: str
+    path: str  # resolved root directory, npz file, or "synthetic:<seed>:<n>"
+    items: pd.DataFrame  # item, label, patient, patient_parsed, source_split
+    notes: list[str]
+    fingerprint: str  # changes when the source's content changes
+
+
+def _find_kaggle_root(path: Path) -> tuple[Path, list[str]]:
+    """The shallowest directory under ``path`` holding ``train/{NORMAL,PNEUMONIA}``."""
+    notes = []
+    candidates = []
+    for dirpath, dirnames, _ in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__MACOSX")))
+        depth = len(Path(dirpath).relative_to(path).parts)
+        if depth > 3:
+            dirnames[:] = []
+            continue
+        if any((Path(dirpath) / "train" / c).is_dir() for c in CLASSES):
+            candidates.append(Path(dirpath))
+    if not candidates:
+        raise DataError(
+            f"{path}: no Kaggle layout found (expected train/NORMAL and train/PNEUMONIA "
+            "folders within three levels, e.g. chest_xray/train/NORMAL/*.jpeg)"
+        )
+    candidates.sort(key=lambda p: len(p.parts))
+    if len(candidates) > 1:
+        notes.append(
+            f"several copies of the layout found; using {candidates[0]} and ignoring "
+            + ", ".join(str(c) for c in candidates[1:])
+        )
+    return candidates[0], notes
+
+
+def list_kaggle(path: str) -> Source:
+    root, notes = _find_kaggle_root(Path(path))
+    rows, skipped = [], 0
+    for split in SPLITS:
+        for label, cls in enumerate(CLASSES):
+            folder = root / split / cls
+            if not folder.is_dir():
+                continue
+            for f in sorted(folder.iterdir()):
+                if f.name.startswith(".") or f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
+                    skipped += 1
+                    continue
+                patient = parse_patient(f.name)
+                rows.append((f"{split}/{cls}/{f.name}", label, patient, split, f.stat().st_size, f.stat().st_mtime_ns))
+    if not rows:
+        raise DataError(f"{root}: the Kaggle folders contain no .jpeg/.jpg/.png files")
+    if skipped:
+        notes.append(f"{skipped} non-image or hidden files skipped")
+    df = pd.DataFrame(rows, columns=["item", "label", "patient", "source_split", "bytes", "mtime"])
+    fingerprint = hashlib.sha1(pd.util.hash_pandas_object(df[["item", "bytes", "mtime"]]).values.tobytes()).hexdigest()
+    return Source("kaggle", str(root), _finish(df.drop(columns=["bytes", "mtime"])), notes, fingerprint)
+
+
+def _npz_arrays(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    try:
+        npz = np.load(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    out = {}
+    for split in SPLITS:
+        ik, lk = f"{split}_images", f"{split}_labels"
+        if ik not in npz.files:
+            continue
+        if lk not in npz.files:
+            raise DataError(f"{path}: has {ik} but no {lk}")
+        images, labels = npz[ik], npz[lk].reshape(-1)
+        if images.ndim not in (3, 4) or len(images) != len(labels):
+            raise DataError(f"{path}: {ik} has shape {images.shape}, {lk} has {len(labels)} labels")
+        if not set(np.unique(labels)) <= {0, 1}:
+            raise DataError(f"{path}: {lk} holds labels other than 0/1: {sorted(set(np.unique(labels)))[:5]}")
+        out[split] = (images, labels.astype(int))
+    if not out:
+        raise DataError(f"{path}: no <split>_images arrays (keys found: {', '.join(npz.files)})")
+    return out
+
+
+def list_npz(path: str) -> Source:
+    arrays = _npz_arrays(path)
+    rows = []
+    for split, (images, labels) in arrays.items():
+        rows += [(f"{split}/{i}", int(y), None, split) for i, y in enumerate(labels)]
+    df = pd.DataFrame(rows, columns=["item", "label", "patient", "source_split"])
+    st = os.stat(path)
+    fingerprint = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    notes = ["npz sources carry no patient ids: each image counts as its own patient"]
+    return Source("npz", os.path.abspath(path), _finish(df), notes, fingerprint)
+
+
+def list_synthetic(n_images: int = SYNTHETIC_DEFAULT_IMAGES, seed: int = 0) -> Source:
+    items = synthetic.listing(n_images, seed)
+    df = pd.DataFrame(
+        [(it.name, it.label, it.patient, "train") for it in items],
+        columns=["item", "label", "patient", "source_split"],
+    )
+    fingerprint = f"synthetic-v{synthetic.GENERATOR_VERSION}-{seed}-{n_images}"
+    notes = ["SYNTHETIC demo images drawn by cxr_ray.synthetic: not medical data"]
+    return Source("synthetic", f"synthetic:{seed}:{n_images}", _finish(df), notes, fingerprint)
+
+
+def _finish(df: pd.DataFrame) -> pd.DataFrame:
+    df["patient_parsed"] = df["patient"].notna()
+    df["patient"] = df["patient"].where(df["patient_parsed"], "item:" + df["item"])
+    return df.reset_index(drop=True)
+
+
+def list_source(kind: str, path: str | None = None, *, synthetic_images: int = SYNTHETIC_DEFAULT_IMAGES,
+                synthetic_seed: int = 0) -> Source:
+    """List a source's items; raises DataError naming the path when it is unusable."""
+    if kind not in SOURCES:
+        raise DataError(f"unknown source {kind!r}: choose one of {', '.join(SOURCES)}")
+    if kind == "synthetic":
+        return list_synthetic(synthetic_images, synthetic_seed)
+    if not path:
+        raise DataError(f"source {kind!r} needs a path (--path)")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or directory")
+    return list_kaggle(path) if kind == "kaggle" else list_npz(path)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _decode_file(args: tuple[str, int]) -> tuple[np.ndarray | None, str, int, int, str]:
+    """Worker: file -> (pixels, sha1, width, height, error). Never raises."""
+    path, size = args
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return None, "", 0, 0, f"unreadable: {e}"
+    sha1 = hashlib.sha1(data).hexdigest()
+    try:
+        img = imaging.open_image(data, path)
+        w, h = img.size
+        gray = imaging.to_gray(img, size)
+        return imaging.square(gray, size), sha1, w, h, ""
+    except imaging.ImageError as e:
+        return None, sha1, 0, 0, str(e).removeprefix(f"{path}: ")
+
+
+def _render_synthetic(args: tuple[synthetic.SyntheticItem, int, int]):
+    item, seed, size = args
+    pixels = synthetic.render(item, seed, size)
+    return pixels, hashlib.sha1(pixels.tobytes()).hexdigest(), size, size, ""
+
+
+def _decode_npz(source: Source, size: int):
+    arrays = _npz_arrays(source.path)
+    for split, (images, _) in arrays.items():
+        for img in images:
+            if img.ndim == 3:  # RGB MedMNIST variants
+                img = np.asarray(img.mean(axis=-1).round(), dtype=np.uint8)
+            img = np.asarray(img, dtype=np.uint8)
+            yield imaging.square(img, size), hashlib.sha1(img.tobytes()).hexdigest(), img.shape[1], img.shape[0], ""
+
+
+def _progress(done: int, total: int, start: float, label: str) -> None:
+    if not sys.stderr.isatty() and done not in (total,) and done % max(1, total // 10):
+        return
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    bar = "#" * int(30 * done / total)
+    end = "\n" if done == total or not sys.stderr.isatty() else ""
+    print(f"\r{label} [{bar:<30}] {done}/{total} ({rate:.0f} img/s)", end=end, file=sys.stderr, flush=True)
+
+
+def decode_all(source: Source, size: int, workers: int | None = None, progress: bool = True):
+    """Yield (pixels, sha1, width, height, error) for every item, in order, on all cores."""
+    total = len(source.items)
+    start = time.perf_counter()
+    if source.kind == "npz":
+        results = _decode_npz(source, size)
+        pool = None
+    else:
+        workers = workers or os.cpu_count() or 1
+        if source.kind == "kaggle":
+            fn, args = _decode_file, [(os.path.join(source.path, i), size) for i in source.items["item"]]
+        else:
+            seed = int(source.path.split(":")[1])
+            fn, args = _render_synthetic, [(it, seed, size) for it in synthetic.listing(total, seed)]
+        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        chunk = max(1, min(64, total // (workers * 8) or 1))
+        results = pool.map(fn, args, chunksize=chunk) if pool else map(fn, args)
+    try:
+        for n, result in enumerate(results, 1):
+            yield result
+            if progress:
+                _progress(n, total, start, f"decoding {source.kind} at {size}px")
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- cache
+
+@dataclass
+class Cache:
+    """Decoded images of one source at one size: ``images[i]`` is row i of ``index``."""
+
+    dir: Path
+    images: np.ndarray  # (N, size, size) uint8, memory-mapped
+    index: pd.DataFrame  # item, label, patient, patient_parsed, source_split, sha1, width, height
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[1])
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("CXR_RAY_CACHE", Path.home() / ".cache" / "cxr-ray"))
+
+
+def cache_key(source: Source, size: int) -> str:
+    return hashlib.sha1(f"v{CACHE_VERSION}:{source.kind}:{source.fingerprint}:{size}".encode()).hexdigest()[:16]
+
+
+def build_cache(source: Source, size: int, cache_root: str | Path | None = None, *, strict: bool = False,
+                workers: int | None = None, progress: bool = True) -> Cache:
+    """Decode ``source`` at ``size`` px once; later calls with the same content reuse it.
+
+    Corrupt files are skipped and listed in ``errors.csv`` (or raise DataError if ``strict``).
+    """
+    if size < imaging.MIN_SIDE or size > 1024:
+        raise DataError(f"image size {size} out of range ({imaging.MIN_SIDE}..1024)")
+    directory = Path(cache_root or default_cache_root()) / f"{source.kind}-{size}px-{cache_key(source, size)}"
+    if (directory / "index.csv").exists():
+        errors = pd.read_csv(directory / "errors.csv") if (directory / "errors.csv").exists() else None
+        if strict and errors is not None and len(errors):
+            raise DataError(_errors_message(errors))
+        return load_cache(directory)
+
+    n = len(source.items)
+    images = np.zeros((n, size, size), dtype=np.uint8)
+    sha1s, widths, heights, errors = [""] * n, [0] * n, [0] * n, []
+    for i, (pixels, sha1, w, h, error) in enumerate(decode_all(source, size, workers, progress)):
+        sha1s[i], widths[i], heights[i] = sha1, w, h
+        if error:
+            errors.append((source.items["item"].iat[i], error))
+        else:
+            images[i] = pixels
+    errors = pd.DataFrame(errors, columns=["item", "error"])
+    if strict and len(errors):
+        raise DataError(_errors_message(errors))
+    if len(errors):
+        print(f"warning: {len(errors)} unreadable images skipped:\n{_errors_message(errors)}", file=sys.stderr)
+
+    index = source.items.assign(sha1=sha1s, width=widths, height=heights)
+    keep = ~index["item"].isin(errors["item"]).to_numpy()
+    index, images = index[keep].reset_index(drop=True), images[keep]
+    if not len(index):
+        raise DataError(f"{source.path}: no readable images")
+
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    np.save(tmp / "images.npy", images)
+    index.to_csv(tmp / "index.csv", index=False)
+    errors.to_csv(tmp / "errors.csv", index=False)
+    (tmp / "source.json").write_text(json.dumps({"kind": source.kind, "path": source.path, "size": size,
+                                                  "notes": source.notes}, indent=1))
+    try:
+        tmp.rename(directory)  # atomic: a half-written cache is never picked up
+    except OSError:  # another process built it meanwhile
+        pass
+    return load_cache(directory)
+
+
+def _errors_message(errors: pd.DataFrame) -> str:
+    return "\n".join(f"  {row.item}: {row.error}" for row in errors.itertuples())
+
+
+def load_cache(directory: str | Path) -> Cache:
+    directory = Path(directory)
+    index = pd.read_csv(directory / "index.csv", dtype={"patient": str, "sha1": str})
+    return Cache(directory, np.load(directory / "images.npy", mmap_mode="r"), index)
+
+
+# ----------------------------------------------------------------------------- split
+
+def _groups(patients: pd.Series, sha1s: pd.Series) -> np.ndarray:
+    """Connected components of items linked by a shared patient or identical bytes."""
+    parent = list(range(len(patients)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for key in (patients, sha1s):
+        first: dict[str, int] = {}
+        for i, k in enumerate(key):
+            if k in first:
+                parent[find(i)] = find(first[k])
+            else:
+                first[k] = i
+    return np.array([find(i) for i in range(len(patients))])
+
+
+def make_split(index: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
+               seed: int = 0, use_official_test: bool = True) -> pd.DataFrame:
+    """Assign every item to train/val/test (or ``excluded``) by patient, stratified by label.
+
+    The pool is every item whose source split is not ``test`` (the official Kaggle ``val``
+    of 16 images joins it). When the source has a test split and ``use_official_test``,
+    it is kept as the test split, and pool items sharing a patient or identical bytes with
+    it are excluded (reason given); otherwise test is carved from the pool too.
+    """
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise DataError(f"{name} must be in [0, 1), got {f}")
+    df = index[["item", "label", "patient", "sha1"]].copy()
+    df["split"], df["reason"] = "", ""
+    has_test = use_official_test and (index["source_split"] == "test").any()
+    group = _groups(df["patient"], df["sha1"])
+    if has_test:
+        official_test = (index["source_split"] == "test").to_numpy()
+        df.loc[official_test, "split"] = "test"
+        test_groups = set(group[official_test])
+        leaked = ~official_test & np.isin(group, list(test_groups))
+        df.loc[leaked, ["split", "reason"]] = ["excluded", "shares a patient or identical bytes with the official test split"]
+        fractions = {"val": val_fraction}
+    else:
+        fractions = {"test": test_fraction, "val": val_fraction}
+    if sum(fractions.values()) >= 1:
+        raise DataError(f"val_fraction + test_fraction must be < 1, got {sum(fractions.values())}")
+
+    rng = np.random.default_rng(seed)
+    pool = df["split"] == ""
+    for label in (0, 1):
+        members = pool & (df["label"] == label)
+        gids, sizes = np.unique(group[members.to_numpy()], return_counts=True)
+        order = rng.permutation(len(gids))
+        total = sizes.sum()
+        targets = {s: f * total for s, f in fractions.items()}
+        filled = dict.fromkeys(targets, 0)
+        assign = {}
+        for k in order:  # greedy: each group goes to the split furthest below its target
+            need = {s: targets[s] - filled[s] for s in targets}
+            best = max(need, key=need.get)
+            if need[best] >= sizes[k] / 2:
+                assign[gids[k]] = best
+                filled[best] += sizes[k]
+            else:
+                assign[gids[k]] = "train"
+        idx = np.flatnonzero(members.to_numpy())
+        df.loc[df.index[idx], "split"] = [assign[g] for g in group[idx]]
+    check_split(df)
+    return df
+
+
+def check_split(split: pd.DataFrame) -> None:
+    """Raise DataError if any patient or identical image appears in two splits."""
+    used = split[split["split"] != "excluded"]
+    for key in ("patient", "sha1"):
+        spread = used.groupby(key)["split"].nunique()
+        bad = spread[spread > 1]
+        if len(bad):
+            raise DataError(f"split leak: {len(bad)} {key} value(s) in more than one split, e.g. {bad.index[0]}")
+
+
+def split_indices(split: pd.DataFrame, cache: Cache) -> dict[str, np.ndarray]:
+    """Cache row numbers of each split (rows follow the cache index order)."""
+    where = cache.index["item"].map(dict(zip(split["item"], split["split"])))
+    return {s: np.flatnonzero((where == s).to_numpy()) for s in SPLITS}
+
+
+# ----------------------------------------------------------------------------- report
+
+def data_report(source: Source, cache: Cache | None = None, errors: pd.DataFrame | None = None,
+                split: pd.DataFrame | None = None) -> dict:
+    """Counts, patients, duplicates, corrupt files, sizes and leakage in the source's own splits."""
+    items = cache.index if cache is not None else source.items
+    report: dict = {"source": source.kind, "path": source.path, "notes": source.notes, "images": len(items)}
+    report["per_split_class"] = {
+        s: {CLASSES[y]: int(n) for y, n in g["label"].value_counts().sort_index().items()}
+        for s, g in items.groupby("source_split")
+    }
+    per_patient = items.groupby("patient").size()
+    report["patients"] = int(items["patient"].nunique())
+    report["images_per_patient"] = {"min": int(per_patient.min()), "median": float(per_patient.median()),
+                                    "max": int(per_patient.max())}
+    report["unparsed_names"] = int((~items["patient_parsed"]).sum()) if source.kind == "kaggle" else 0
+    if errors is not None:
+        report["corrupt"] = [{"item": r.item, "error": r.error} for r in errors.itertuples()]
+    if "sha1" in items:
+        dup = items[items.duplicated("sha1", keep=False)]
+        report["duplicates"] = {
+            "groups": int(dup["sha1"].nunique()),
+            "images": len(dup),
+            "across_classes": int((dup.groupby("sha1")["label"].nunique() > 1).sum()),
+            "examples": [list(g["item"]) for _, g in list(dup.groupby("sha1"))[:5]],
+        }
+        sizes = items.loc[items["width"] > 0, ["width", "height"]]
+        report["original_size_px"] = {
+            k: {q: int(v) for q, v in zip(("min", "p50", "max"), sizes[k].quantile([0, 0.5, 1]))} for k in sizes
+        }
+    # leakage between the source's own splits
+    leaks = {}
+    for key in ("patient", "sha1"):
+        if key not in items:
+            continue
+        spread = items[items["patient_parsed"] | (key == "sha1")].groupby(key)["source_split"].nunique()
+        shared = spread[spread > 1]
+        leaks[key] = {"count": len(shared), "examples": list(shared.index[:5])}
+    report["leakage_in_source_splits"] = leaks
+    if split is not None:
+        report["split"] = {
+            s: {"images": int(len(g)), "patients": int(g["patient"].nunique()),
+                "pneumonia_fraction": round(float(g["label"].mean()), 4)}
+            for s, g in split.groupby("split")
+        }
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"source     {report['source']}  ({report['path']})", f"images     {report['images']}"]
+    for s, counts in report["per_split_class"].items():
+        total = sum(counts.values())
+        ratio = f"  NORMAL:PNEUMONIA = 1:{counts.get('PNEUMONIA', 0) / max(counts.get('NORMAL', 0), 1):.2f}"
+        lines.append(f"  {s:<6} {total:>6}  " + "  ".join(f"{c}={n}" for c, n in counts.items()) + ratio)
+    ipp = report["images_per_patient"]
+    lines.append(f"patients   {report['patients']}  (images per patient: min {ipp['min']}, "
+                 f"median {ipp['median']:g}, max {ipp['max']})")
+    lines.append(f"unparsed   {report['unparsed_names']} file names with no patient id (one patient per file)")
+    if "duplicates" in report:
+        d = report["duplicates"]
+        lines.append(f"duplicates {d['groups']} groups of byte-identical images ({d['images']} images, "
+                     f"{d['across_classes']} groups with conflicting labels)")
+        for ex in d["examples"]:
+            lines.append("             " + " == ".join(ex))
+    if "corrupt" in report:
+        lines.append(f"corrupt    {len(report['corrupt'])}")
+        lines += [f"             {c['item']}: {c['error']}" for c in report["corrupt"]]
+    if "original_size_px" in report:
+        sz = report["original_size_px"]
+        lines.append("size px    " + "  ".join(f"{k} {v['min']}/{v['p50']}/{v['max']} (min/median/max)"
+                                               for k, v in sz.items()))
+    for key, leak in report["leakage_in_source_splits"].items():
+        lines.append(f"leakage    {leak['count']} {key} value(s) in more than one source split"
+                     + (f", e.g. {', '.join(map(str, leak['examples']))}" if leak["count"] else ""))
+    for s, info in report.get("split", {}).items():
+        lines.append(f"split {s:<8} {info['images']:>6} images  {info['patients']:>5} patients  "
+                     f"pneumonia {info['pneumonia_fraction']:.3f}")
+    lines += [f"note       {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+@dataclass
+class Prepared:
+    """What training needs: the cache, the split table and each split's cache rows."""
+
+    cache: Cache
+    split: pd.DataFrame
+    rows: dict[str, np.ndarray]
+    report: dict
+
+
+def prepare(kind: str, path: str | None, size: int, out: str | Path | None = None, *, val_fraction=0.15,
+            test_fraction=0.15, seed=0, use_official_test=True, cache_root=None, strict=False,
+            synthetic_images=SYNTHETIC_DEFAULT_IMAGES, synthetic_seed=0, progress=True) -> Prepared:
+    """List, decode (cached), split; write split.csv and data_report.json to ``out``."""
+    source = list_source(kind, path, synthetic_images=synthetic_images, synthetic_seed=synthetic_seed)
+    cache = build_cache(source, size, cache_root, strict=strict, progress=progress)
+    split = make_split(cache.index, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                       use_official_test=use_official_test)
+    errors = pd.read_csv(cache.dir / "errors.csv")
+    report = data_report(source, cache, errors, split)
+    report["cache"] = str(cache.dir)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        split.to_csv(out / "split.csv", index=False)
+        (out / "data_report.json").write_text(json.dumps(report, indent=1))
+    return Prepared(cache, split, split_indices(split, cache), report)

@@ -1,0 +1,120 @@
+"""timm backbone + classification head, with pretrained weights from the hub or a local file.
+
+Grayscale input is native: timm builds the first convolution with ``in_chans=1`` and folds
+pretrained RGB weights into it (summing over channels), so no channel is copied three times.
+The model outputs one logit per image: P(pneumonia) = sigmoid(logit).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+
+import timm
+import torch
+from torch import nn
+
+HEADS = ("linear", "seed")
+
+
+class ModelError(ValueError):
+    """Unusable model request; the message says what to change."""
+
+
+class Classifier(nn.Module):
+    """Backbone (pooled features) -> head -> one logit.
+
+    ``seed`` is the head of the original Keras experiments: Dense(hidden, ReLU) ->
+    Dropout -> Dense(1). While ``frozen_backbone`` is set, the backbone runs without
+    gradients in eval mode (the linear-probe phase).
+    """
+
+    def __init__(self, backbone: nn.Module, head: str = "linear", hidden: int = 16, dropout: float = 0.5):
+        super().__init__()
+        self.backbone = backbone
+        features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        if head == "linear":
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, 1))
+        elif head == "seed":
+            self.head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+        else:
+            raise ModelError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+        self.frozen_backbone = False
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Spatial feature maps of the last stage (what Grad-CAM looks at)."""
+        return self.backbone.forward_features(x)
+
+    def classify(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        pooled = self.backbone.forward_head(feature_maps, pre_logits=True)
+        return self.head(pooled).squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen_backbone:
+            self.backbone.eval()
+            with torch.no_grad():
+                maps = self.features(x)
+            return self.classify(maps)
+        return self.classify(self.features(x))
+
+
+def check_backbone(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelError(f"unknown backbone {name!r}{hint}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def build_model(backbone: str, *, head: str = "linear", hidden: int = 16, dropout: float = 0.5,
+                pretrained: bool | str = False, image_size: int = 224) -> Classifier:
+    """Create the classifier. ``pretrained``: False, True (timm hub) or a local weights path."""
+    check_backbone(backbone)
+    kwargs: dict = {"in_chans": 1, "num_classes": 0}
+    cfg = timm.get_pretrained_cfg(backbone)
+    if cfg and cfg.fixed_input_size:
+        kwargs["img_size"] = image_size  # ViTs: position embeddings are resampled to this size
+    if isinstance(pretrained, str):
+        if not os.path.isfile(pretrained):
+            raise ModelError(f"pretrained weights file {pretrained!r} not found")
+        if not pretrained.endswith((".safetensors", ".pth", ".pt", ".bin")):
+            raise ModelError(f"pretrained weights file {pretrained!r}: expected .safetensors or .pth")
+        kwargs["pretrained_cfg_overlay"] = {"file": os.path.abspath(pretrained)}
+        pretrained = True
+    elif pretrained and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        raise ModelError(
+            f"pretrained: true needs the Hugging Face hub to download {backbone} weights, and it is not "
+            f"reachable from here. On a connected machine run\n"
+            f"  python -c \"import timm, safetensors.torch as s; "
+            f"s.save_file(timm.create_model('{backbone}', pretrained=True).state_dict(), '{backbone}.safetensors')\"\n"
+            f"copy the file here and set pretrained: /path/to/{backbone}.safetensors (per arm in a study spec), "
+            f"or set HF_HUB_OFFLINE=1 if the hub cache already holds it."
+        )
+    try:
+        net = timm.create_model(backbone, pretrained=bool(pretrained), **kwargs)
+    except (RuntimeError, OSError, KeyError) as e:
+        raise ModelError(f"could not load weights for {backbone}: {e}") from None
+    return Classifier(net, head, hidden, dropout)
+
+
+def normalization(backbone: str) -> tuple[float, float]:
+    """Grayscale mean and std from the backbone's pretrained config (channel averages).
+
+    timm's ``in_chans=1`` folding sums the RGB filters, which matches feeding a gray image
+    normalised by the averaged mean and std.
+    """
+    cfg = timm.get_pretrained_cfg(backbone)
+    mean = cfg.mean if cfg else timm.data.IMAGENET_DEFAULT_MEAN
+    std = cfg.std if cfg else timm.data.IMAGENET_DEFAULT_STD
+    return float(sum(mean) / len(mean)), float(sum(std) / len(std))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,122 @@
+"""Deterministic synthetic chest-radiograph-like images: the built-in demo data.
+
+NOT MEDICAL DATA. These are drawings with the rough anatomy of a frontal chest film (body,
+two lung fields, mediastinum, spine, ribs, diaphragm) under varying exposure and noise.
+"PNEUMONIA" images add soft opacities or lobar consolidations of random size, position and
+contrast inside a lung; some are faint enough to be missed, and some "NORMAL" images carry
+small confounding shadows, so a small CNN learns the task well but not perfectly.
+
+Every image is a pure function of (seed, patient, image index, size): rendering is
+deterministic and drawn in normalised coordinates, so sizes differ only in resolution.
+Each fake patient has fixed anatomy and 1-4 images, which exercises the patient-level split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GENERATOR_VERSION = 1
+PNEUMONIA_FRACTION = 0.66  # close to the Kaggle train split's 1:2.9
+
+
+@dataclass(frozen=True)
+class SyntheticItem:
+    name: str  # e.g. SYN-P0007-02.png, parsed like a Kaggle file name
+    patient: str
+    label: int
+    patient_index: int
+    image_index: int
+
+
+def listing(n_images: int, seed: int) -> list[SyntheticItem]:
+    """The fake patients and their images, about ``n_images`` in all."""
+    rng = np.random.default_rng([seed, 0])
+    items: list[SyntheticItem] = []
+    p = 0
+    while len(items) < n_images:
+        label = int(rng.random() < PNEUMONIA_FRACTION)
+        count = min(int(rng.integers(1, 5)), n_images - len(items))
+        patient = f"SYN-P{p:05d}"
+        items += [SyntheticItem(f"{patient}-{i:02d}.png", patient, label, p, i) for i in range(count)]
+        p += 1
+    return items
+
+
+def _smooth_step(v: np.ndarray, sharpness: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(v * sharpness, -40, 40)))
+
+
+def _blob(x, y, cx, cy, sx, sy, angle):
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = (x - cx) * c + (y - cy) * s, -(x - cx) * s + (y - cy) * c
+    return np.exp(-0.5 * ((u / sx) ** 2 + (v / sy) ** 2))
+
+
+def _low_freq(rng, size: int, cells: int) -> np.ndarray:
+    """Smooth random field in [-1, 1] (bilinear upsampling of a coarse grid)."""
+    grid = rng.uniform(-1, 1, (cells + 1, cells + 1))
+    t = np.linspace(0, cells, size)
+    i = np.minimum(t.astype(int), cells - 1)
+    f = t - i
+    rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]
+    return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
+
+
+def render(item: SyntheticItem, seed: int, size: int) -> np.ndarray:
+    """One ``size`` x ``size`` uint8 image."""
+    anatomy = np.random.default_rng([seed, 1, item.patient_index])
+    rng = np.random.default_rng([seed, 2, item.patient_index, item.image_index])
+
+    # Per-image pose: a small shift, rotation and zoom of the coordinate grid.
+    t = np.linspace(-1, 1, size)
+    x0, y0 = np.meshgrid(t, t)
+    rot, zoom = rng.normal(0, 0.05), rng.uniform(0.93, 1.07)
+    dx, dy = rng.normal(0, 0.04, 2)
+    x = (np.cos(rot) * x0 - np.sin(rot) * y0) * zoom + dx
+    y = (np.sin(rot) * x0 + np.cos(rot) * y0) * zoom + dy
+
+    # Anatomy, fixed per patient.
+    body_w = anatomy.uniform(0.78, 0.95)
+    lung_w, lung_h = anatomy.uniform(0.27, 0.34), anatomy.uniform(0.58, 0.70)
+    lung_cx, lung_cy = anatomy.uniform(0.36, 0.44), anatomy.uniform(-0.12, 0.0)
+    heart_w = anatomy.uniform(0.16, 0.24)
+    rib_spacing, rib_phase = anatomy.uniform(0.13, 0.18), anatomy.uniform(0, 2 * np.pi)
+
+    body = _smooth_step(1 - np.abs(x / body_w) ** 2.5, 8)
+    lungs = []
+    for side in (-1, 1):
+        r = ((x - side * lung_cx) / lung_w) ** 2 + ((y - lung_cy) / lung_h) ** 2
+        r = r + 0.35 * np.maximum(y - lung_cy, 0) * (side * (x - side * lung_cx) < 0)  # cardiac notch
+        lungs.append(_smooth_step(1 - r, 10))
+    lung = np.maximum(*lungs)
+    heart = _blob(x, y, 0.06, lung_cy + 0.3, heart_w, 0.28, 0.3)
+    spine = _smooth_step(0.06 - np.abs(x), 60)
+    diaphragm = _smooth_step(y - (lung_cy + lung_h * 0.92) + 0.15 * x**2, 14)
+    ribs = (np.sin(2 * np.pi * (y + 0.35 * x**2) / rib_spacing + rib_phase) > 0.55).astype(float)
+
+    img = 0.04 + 0.42 * body
+    img = img * (1 - 0.62 * lung) + 0.16 * diaphragm * body
+    img += 0.45 * heart * body + 0.22 * spine * body
+    img += 0.10 * ribs * body * (0.3 + 0.7 * lung)
+    img += 0.05 * _low_freq(rng, size, 6) * lung  # vascular markings, roughly
+
+    # Findings. Opacities sit inside a lung; normals sometimes carry small shadows.
+    texture = 0.7 + 0.3 * _low_freq(rng, size, 12)
+    if item.label == 1:
+        for _ in range(int(rng.integers(1, 4))):
+            side = rng.choice((-1, 1))
+            cx = side * lung_cx + rng.normal(0, lung_w * 0.45)
+            cy = lung_cy + rng.uniform(-0.45, 0.75) * lung_h
+            sx, sy = rng.uniform(0.05, 0.22, 2)
+            amp = 0.45 * rng.random() ** 1.4  # many faint findings, a few dense ones
+            img += amp * _blob(x, y, cx, cy, sx, sy, rng.uniform(0, np.pi)) * texture * lung
+    for _ in range(int(rng.integers(0, 3))):
+        cx, cy = rng.uniform(-0.6, 0.6), rng.uniform(-0.5, 0.6)
+        img += rng.uniform(0.02, 0.10) * _blob(x, y, cx, cy, 0.03, 0.03, 0.0) * body
+
+    # Exposure and detector noise.
+    img = img * rng.uniform(0.75, 1.25) + rng.normal(0, 0.04)
+    img = np.clip(img, 0, 1) ** rng.uniform(0.75, 1.35)
+    img += rng.normal(0, rng.uniform(0.01, 0.04), img.shape)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)

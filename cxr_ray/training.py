@@ -1,0 +1,423 @@
+"""Fine-tuning one configuration: the per-worker loop (Ray Train, DDP) and its launcher.
+
+Every worker holds the decoded cache (shared zero-copy through Ray's object store), draws
+its shard of a seeded per-epoch permutation, augments on tensors (on the GPU when there is
+one) and steps a DDP model. Once per epoch all workers score the full validation split
+(each a slice, then gathered), report the same metrics, and rank 0 writes a checkpoint:
+weights (safetensors), optimiser/scheduler state (weights_only-safe) and metadata (JSON).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import metrics, models
+from .data import CLASSES
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+IMBALANCE = ("weighted_loss", "sampler", "none")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    """One training configuration. Field names are the keys of ``--set`` and search spaces."""
+
+    backbone: str = "resnet18"
+    head: str = "linear"
+    hidden: int = 16
+    dropout: float = 0.5
+    pretrained: bool | str = False
+    image_size: int = 64
+    epochs: int = 5
+    batch_size: int = 64  # global: split evenly over workers, so results do not depend on worker count
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # SGD only
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    freeze_epochs: int = 0  # linear-probe epochs with the backbone frozen, then full fine-tuning
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    imbalance: str = "weighted_loss"
+    augment: bool = True
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads per worker; 0 = the worker's CPU allotment
+    evaluate_test: bool = False  # score the test split after the last epoch (final evaluation runs)
+    # identity, copied into checkpoint metadata
+    study: str = ""
+    arm: str = ""
+    spec_hash: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        cfg = cls(**values)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "config") -> None:
+        def check(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{where}: {key} {msg} (got {getattr(self, key)!r})")
+
+        check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        check(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
+        check(self.imbalance in IMBALANCE, "imbalance", f"must be one of {', '.join(IMBALANCE)}")
+        check(self.head in models.HEADS, "head", f"must be one of {', '.join(models.HEADS)}")
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
+              "must be < epochs")
+        check(0 <= self.freeze_epochs < self.epochs or self.freeze_epochs == 0, "freeze_epochs", "must be < epochs")
+        check(self.hidden >= 1, "hidden", "must be >= 1")
+
+
+# ----------------------------------------------------------------------------- batches
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mild radiograph-safe augmentation on a normalised batch: affine jitter and exposure.
+
+    No horizontal flips: the heart is on the left in a frontal film.
+    """
+    n = x.shape[0]
+
+    def u(lo, hi):
+        return torch.rand(n, generator=gen, device=gen.device).to(x.device) * (hi - lo) + lo
+
+    angle, scale = u(-0.12, 0.12), u(0.9, 1.1)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, u(-0.06, 0.06)], 1), torch.stack([sin, cos, u(-0.06, 0.06)], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return x * u(0.85, 1.15).view(n, 1, 1, 1) + u(-0.15, 0.15).view(n, 1, 1, 1)
+
+
+class Prefetcher:
+    """Assembles batches of cached pixels in a background thread, so the step never waits
+    on host-side indexing (and copies to pinned memory for an asynchronous GPU transfer)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: list[np.ndarray], pin: bool):
+        self.queue: queue.Queue = queue.Queue(maxsize=3)
+        self.thread = threading.Thread(target=self._fill, args=(images, labels, batches, pin), daemon=True)
+        self.thread.start()
+
+    def _fill(self, images, labels, batches, pin):
+        for rows in batches:
+            rows = np.sort(rows)
+            x = torch.from_numpy(images[rows]).unsqueeze(1)
+            y = torch.from_numpy(labels[rows].astype(np.float32))
+            if pin:
+                x, y = x.pin_memory(), y.pin_memory()
+            self.queue.put((x, y))
+        self.queue.put(None)
+
+    def __iter__(self):
+        while (item := self.queue.get()) is not None:
+            yield item
+
+
+def epoch_batches(train_rows: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch: int, rank: int,
+                  world: int) -> list[np.ndarray]:
+    """This rank's batches for ``epoch``: a seeded global order, cut into equal shards."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    if cfg.imbalance == "sampler":  # class-balanced sampling with replacement
+        y = labels[train_rows]
+        w = np.where(y == 1, 0.5 / max(y.sum(), 1), 0.5 / max((1 - y).sum(), 1))
+        order = rng.choice(train_rows, size=len(train_rows), replace=True, p=w / w.sum())
+    else:
+        order = rng.permutation(train_rows)
+    per_rank = len(order) // world
+    shard = order[rank * per_rank:(rank + 1) * per_rank]
+    per_batch = cfg.batch_size // world
+    return [shard[i:i + per_batch] for i in range(0, len(shard), per_batch) if len(shard[i:i + per_batch])]
+
+
+def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer == "adam":  # Adam's decay is L2 in the gradient, as in Keras / the seed
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def predict(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, norm: tuple[float, float],
+            device: torch.device, batch: int = 256, amp: bool = False) -> np.ndarray:
+    """P(pneumonia) for cache ``rows``, in order."""
+    out = []
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        for i in range(0, len(rows), batch):
+            x = torch.from_numpy(images[np.asarray(rows[i:i + batch])]).unsqueeze(1).to(device)
+            out.append(torch.sigmoid(model(normalize(x, norm)).float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def normalize(x_uint8: torch.Tensor, norm: tuple[float, float]) -> torch.Tensor:
+    return (x_uint8.float() / 255.0 - norm[0]) / norm[1]
+
+
+def predict_distributed(model, images, rows, norm, device, rank, world, amp) -> np.ndarray:
+    """Score all ``rows`` with each rank taking a slice, then gather: every rank gets all."""
+    mine = np.arange(rank, len(rows), world)
+    probs = predict(model, images, rows[mine], norm, device, amp=amp)
+    if world == 1:
+        return probs
+    parts: list = [None] * world
+    dist.all_gather_object(parts, (mine, probs))
+    full = np.empty(len(rows), dtype=np.float32)
+    for idx, p in parts:
+        full[idx] = p
+    return full
+
+
+def epoch_metrics(y: np.ndarray, p: np.ndarray, prefix: str = "val") -> dict:
+    """AUROC, and accuracy/sensitivity/specificity/F1 at 0.5 and at the Youden-J threshold."""
+    out = {f"{prefix}_auroc": metrics.auroc(y, p)}
+    threshold = metrics.youden_threshold(y, p)
+    for tag, t in (("", 0.5), ("_youden", threshold)):
+        c = metrics.confusion(y, p, t)
+        for k in ("accuracy", "sensitivity", "specificity", "f1"):
+            out[f"{prefix}_{k}{tag}"] = c[k]
+    out["threshold"] = threshold
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig,
+                    norm: tuple[float, float], report: dict) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
+               directory / "train_state.pt")
+    meta = {
+        "backbone": cfg.backbone, "head": cfg.head, "hidden": cfg.hidden, "dropout": cfg.dropout,
+        "image_size": cfg.image_size, "mean": norm[0], "std": norm[1], "channels": 1,
+        "geometry": "resize short side, centre crop", "threshold": report["threshold"],
+        "class_names": list(CLASSES), "epoch": epoch, "metrics": report,
+        "config": dataclasses.asdict(cfg), "study": cfg.study, "arm": cfg.arm, "spec_hash": cfg.spec_hash,
+    }
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def load_model(checkpoint_dir: str | Path) -> tuple[models.Classifier, dict]:
+    """A checkpoint's model (eval mode) and metadata, loaded without pickle."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = json.loads((checkpoint_dir / "meta.json").read_text())
+    model = models.build_model(meta["backbone"], head=meta["head"], hidden=meta["hidden"],
+                               dropout=meta["dropout"], pretrained=False, image_size=meta["image_size"])
+    model.load_state_dict(load_file(str(checkpoint_dir / "model.safetensors")))
+    return model.eval(), meta
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_loop(config: dict) -> None:
+    """Ray Train per-worker entry point. ``config``: TrainConfig fields + ``data``."""
+    data = config["data"]
+    if isinstance(data, list):  # [ObjectRef]: wrapped so Ray passes the reference, not the arrays
+        data = ray.get(data[0])
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != "data"})
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} workers")
+    device = ray.train.torch.get_device() if world > 1 or dist.is_initialized() else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    np.random.seed(cfg.seed)
+
+    images, labels = data["images"], data["labels"]
+    train_rows, val_rows = data["train"], data["val"]
+    norm = models.normalization(cfg.backbone)
+
+    model = models.build_model(cfg.backbone, head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout,
+                               pretrained=cfg.pretrained, image_size=cfg.image_size)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if world > 1 or dist.is_initialized():
+        net = ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": cfg.freeze_epochs > 0})
+    else:
+        net = model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = len(epoch_batches(train_rows, labels, cfg, 0, rank, world))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps_per_epoch))
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = state["epoch"]
+
+    y_train = labels[train_rows]
+    n_pos, n_neg = int(y_train.sum()), int(len(y_train) - y_train.sum())
+    class_weight = (len(y_train) / (2 * max(n_neg, 1)), len(y_train) / (2 * max(n_pos, 1)))
+    gen = torch.Generator(device=device)
+    val_y = labels[val_rows]
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.frozen_backbone = epoch < cfg.freeze_epochs
+        net.train()
+        gen.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+        batches = epoch_batches(train_rows, labels, cfg, epoch, rank, world)
+        loss_sum, seen, wait = torch.zeros((), device=device), 0, 0.0
+        start = time.perf_counter()
+        t_ready = start
+        for x, y in Prefetcher(images, labels, batches, pin=cuda):
+            wait += time.perf_counter() - t_ready
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = normalize(x, norm)
+            if cfg.augment:
+                x = augment(x, gen)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = net(x).float()
+            weight = None
+            if cfg.imbalance == "weighted_loss":
+                weight = torch.where(y > 0.5, class_weight[1], class_weight[0])
+            loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            t_ready = time.perf_counter()
+        train_time = time.perf_counter() - start
+
+        # Validation on the full split, gathered so every rank reports identical numbers.
+        p_val = predict_distributed(model, images, val_rows, norm, device, rank, world, cuda)
+        stats = torch.tensor([loss_sum.item(), seen, wait, train_time], device=device, dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        loss_total, seen_total, wait_total, time_total = stats.tolist()
+        eps = 1e-7
+        report = {
+            "epoch": epoch + 1,
+            "train_loss": loss_total / max(seen_total, 1),
+            "val_loss": float(F.binary_cross_entropy(torch.from_numpy(p_val).clamp(eps, 1 - eps),
+                                                     torch.from_numpy(val_y.astype(np.float32)))),
+            **epoch_metrics(val_y, p_val),
+            "images_per_s": seen_total / max(time_total / world, 1e-9),
+            "data_wait_fraction": wait_total / max(time_total, 1e-9),
+            "epoch_time_s": time.perf_counter() - start,
+            "train_time_s": time_total / world,
+            "lr": optimizer.param_groups[0]["lr"],
+            "frozen_backbone": model.frozen_backbone,
+        }
+        last = epoch + 1 == cfg.epochs
+        p_test = None
+        if last and cfg.evaluate_test:
+            p_test = predict_distributed(model, images, data["test"], norm, device, rank, world, cuda)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch + 1, cfg, norm, report)
+                np.save(Path(tmp) / "val_probabilities.npy", p_val)
+                if p_test is not None:
+                    np.save(Path(tmp) / "test_probabilities.npy", p_test)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(report, checkpoint=ckpt)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+class EpochLog(ray.train.UserCallback):
+    """Prints one line per epoch and appends it to a CSV (runs in the Train controller)."""
+
+    def __init__(self, csv_path: str | None = None, prefix: str = ""):
+        self.csv_path, self.prefix = csv_path, prefix
+
+    def after_report(self, run_context, metrics, checkpoint):
+        m = metrics[0]
+        print(f"{self.prefix}epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+              f"val_auroc {m['val_auroc']:.4f}  val_acc@youden {m['val_accuracy_youden']:.4f}  "
+              f"{m['images_per_s']:.0f} img/s  data_wait {100 * m['data_wait_fraction']:.1f}%", flush=True)
+        if self.csv_path:
+            import pandas as pd
+            row = pd.DataFrame([{**m, "checkpoint": checkpoint.path if checkpoint else ""}])
+            exists = os.path.exists(self.csv_path)
+            row.to_csv(self.csv_path, mode="a", header=not exists, index=False)
+
+
+def fit(cfg: TrainConfig, data_ref, *, name: str, storage_path: str, workers: int = 1, use_gpu: bool = False,
+        cpus_per_worker: float = 1, max_failures: int = 2, callbacks: list | None = None,
+        keep_checkpoints: int = 2, selection_metric: str = "val_auroc"):
+    """Run one configuration with Ray Train. Re-running the same ``name`` resumes it."""
+    config = {**dataclasses.asdict(cfg), "data": [data_ref]}
+    if not cfg.threads:
+        config["threads"] = max(1, int(cpus_per_worker))
+    resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints,
+                                                         checkpoint_score_attribute=selection_metric,
+                                                         checkpoint_score_order="max"),
+            callbacks=callbacks or [],
+        ),
+    )
+    return trainer.fit()
