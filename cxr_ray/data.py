@@ -392,8 +392,11 @@ def make_split(index: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction
 
     rng = np.random.default_rng(seed)
     pool = df["split"] == ""
+    # a group (patient or identical bytes) can hold both labels: stratify it by its highest
+    # label so that it is assigned once, as a whole
+    group_label = df["label"].groupby(group).transform("max")
     for label in (0, 1):
-        members = pool & (df["label"] == label)
+        members = pool & (group_label == label)
         gids, sizes = np.unique(group[members.to_numpy()], return_counts=True)
         order = rng.permutation(len(gids))
         total = sizes.sum()

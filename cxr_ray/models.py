@@ -78,6 +78,7 @@ def build_model(backbone: str, *, head: str = "linear", hidden: int = 16, dropou
     """Create the classifier. ``pretrained``: False, True (timm hub) or a local weights path."""
     check_backbone(backbone)
     kwargs: dict = {"in_chans": 1, "num_classes": 0}
+    weights_file = None
     cfg = timm.get_pretrained_cfg(backbone)
     if cfg and cfg.fixed_input_size:
         kwargs["img_size"] = image_size  # ViTs: position embeddings are resampled to this size
@@ -86,7 +87,8 @@ def build_model(backbone: str, *, head: str = "linear", hidden: int = 16, dropou
             raise ModelError(f"pretrained weights file {pretrained!r} not found")
         if not pretrained.endswith((".safetensors", ".pth", ".pt", ".bin")):
             raise ModelError(f"pretrained weights file {pretrained!r}: expected .safetensors or .pth")
-        kwargs["pretrained_cfg_overlay"] = {"file": os.path.abspath(pretrained)}
+        weights_file = os.path.abspath(pretrained)
+        kwargs["pretrained_cfg_overlay"] = {"file": weights_file}
         pretrained = True
     elif pretrained and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
         raise ModelError(
@@ -101,7 +103,22 @@ def build_model(backbone: str, *, head: str = "linear", hidden: int = 16, dropou
         net = timm.create_model(backbone, pretrained=bool(pretrained), **kwargs)
     except (RuntimeError, OSError, KeyError) as e:
         raise ModelError(f"could not load weights for {backbone}: {e}") from None
+    if weights_file:
+        _check_file_covers(net, weights_file, backbone)
     return Classifier(net, head, hidden, dropout)
+
+
+def _check_file_covers(net: nn.Module, path: str, backbone: str) -> None:
+    """timm loads a weights file non-strictly (the classifier is dropped), so tensors the file
+    lacks would silently keep their random init: refuse such a file instead."""
+    saved = timm.models.load_state_dict(path)
+    missing = [k for k in net.state_dict() if k not in saved and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ModelError(
+            f"{path} does not hold {backbone} weights: {len(missing)} of the backbone's "
+            f"{len(net.state_dict())} tensors are missing from it (e.g. {', '.join(missing[:3])}). Save the file "
+            f"from timm.create_model('{backbone}', pretrained=True).state_dict()"
+        )
 
 
 def normalization(backbone: str) -> tuple[float, float]:

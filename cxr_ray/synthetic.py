@@ -108,8 +108,8 @@ def render(item: SyntheticItem, seed: int, size: int) -> np.ndarray:
             side = rng.choice((-1, 1))
             cx = side * lung_cx + rng.normal(0, lung_w * 0.45)
             cy = lung_cy + rng.uniform(-0.45, 0.75) * lung_h
-            sx, sy = rng.uniform(0.05, 0.22, 2)
-            amp = 0.45 * rng.random() ** 1.4  # many faint findings, a few dense ones
+            sx, sy = rng.uniform(0.10, 0.28, 2)
+            amp = 0.10 + 0.40 * rng.random() ** 1.5  # many faint findings, a few dense ones
             img += amp * _blob(x, y, cx, cy, sx, sy, rng.uniform(0, np.pi)) * texture * lung
     for _ in range(int(rng.integers(0, 3))):
         cx, cy = rng.uniform(-0.6, 0.6), rng.uniform(-0.5, 0.6)

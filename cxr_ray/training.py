@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import queue
@@ -259,6 +260,7 @@ def load_model(checkpoint_dir: str | Path) -> tuple[models.Classifier, dict]:
 
 def train_loop(config: dict) -> None:
     """Ray Train per-worker entry point. ``config``: TrainConfig fields + ``data``."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch comes from EpochLog
     data = config["data"]
     if isinstance(data, list):  # [ObjectRef]: wrapped so Ray passes the reference, not the arrays
         data = ray.get(data[0])
@@ -398,13 +400,14 @@ class EpochLog(ray.train.UserCallback):
 
 
 def fit(cfg: TrainConfig, data_ref, *, name: str, storage_path: str, workers: int = 1, use_gpu: bool = False,
-        cpus_per_worker: float = 1, max_failures: int = 2, callbacks: list | None = None,
-        keep_checkpoints: int = 2, selection_metric: str = "val_auroc"):
+        cpus_per_worker: float = 1, gpus_per_worker: float = 1, max_failures: int = 2,
+        callbacks: list | None = None, keep_checkpoints: int = 2, selection_metric: str = "val_auroc",
+        selection_mode: str = "max"):
     """Run one configuration with Ray Train. Re-running the same ``name`` resumes it."""
     config = {**dataclasses.asdict(cfg), "data": [data_ref]}
     if not cfg.threads:
         config["threads"] = max(1, int(cpus_per_worker))
-    resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {})
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -416,8 +419,9 @@ def fit(cfg: TrainConfig, data_ref, *, name: str, storage_path: str, workers: in
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints,
                                                          checkpoint_score_attribute=selection_metric,
-                                                         checkpoint_score_order="max"),
+                                                         checkpoint_score_order=selection_mode),
             callbacks=callbacks or [],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our EpochLog says what matters
         ),
     )
     return trainer.fit()

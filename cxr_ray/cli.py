@@ -1,0 +1,183 @@
+"""The ``cxr-ray`` command line: data, train, study, report, serve."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .spec import yaml_load
+
+from . import data
+
+
+def _parse_set(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml_load(value)  # 3e-4 -> float, true -> bool, adamw -> str
+    return out
+
+
+def cmd_data_prepare(args) -> None:
+    prepared = data.prepare(args.source, args.path, args.size, args.out, val_fraction=args.val_fraction,
+                            test_fraction=args.test_fraction, seed=args.seed, cache_root=args.cache,
+                            strict=args.strict, synthetic_images=args.synthetic_images)
+    print(data.format_report(prepared.report))
+    print(f"cache  {prepared.cache.dir}\nsplit  {os.path.join(args.out, 'split.csv')}")
+
+
+def cmd_data_check(args) -> None:
+    prepared = data.prepare(args.source, args.path, args.size, None, seed=args.seed, cache_root=args.cache,
+                            synthetic_images=args.synthetic_images, progress=not args.json)
+    if args.json:
+        print(json.dumps(prepared.report, indent=1))
+    else:
+        print(data.format_report(prepared.report))
+
+
+def cmd_train(args) -> None:
+    from . import runtime, storage, training
+    values = {"backbone": args.backbone, "image_size": args.size, "epochs": args.epochs, **_parse_set(args.set)}
+    cfg = training.TrainConfig.from_dict(values, where="--set")
+    out = storage.normalize(args.out)
+    os.makedirs(out, exist_ok=True)
+    prepared = data.prepare(args.source, args.data, args.size, out, seed=args.seed, cache_root=args.cache,
+                            synthetic_images=args.synthetic_images)
+    runtime.connect()
+    ref = runtime.put_data(prepared)
+    name = args.name or f"{cfg.backbone}-{cfg.image_size}px"
+    print(f"training {name}: {cfg.backbone} at {cfg.image_size}px, {cfg.epochs} epochs, {args.workers} worker(s) "
+          f"-> {out}/{name}", flush=True)
+    result = training.fit(cfg, ref, name=name, storage_path=out, workers=args.workers, use_gpu=args.gpus > 0,
+                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus or 1,
+                          callbacks=[training.EpochLog(os.path.join(out, name, "metrics.csv"))])
+    print(f"last checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    print(f"metrics: {os.path.join(out, name, 'metrics.csv')}")
+
+
+def cmd_study_run(args) -> None:
+    from . import study
+    study.run(args.spec, args.out, args.storage, report=not args.no_report)
+
+
+def cmd_study_resume(args) -> None:
+    from . import study
+    study.resume(args.dir, report=not args.no_report)
+
+
+def cmd_study_status(args) -> None:
+    from . import study
+    print(study.status(args.dir))
+
+
+def cmd_report(args) -> None:
+    from . import report
+    print(report.write(args.dir))
+
+
+def cmd_serve(args) -> None:
+    from . import serving
+    serving.serve_blocking(args)
+
+
+def _data_args(p, path_flag="--path"):
+    p.add_argument("--source", choices=data.SOURCES, default="synthetic", help="data source (default: synthetic)")
+    p.add_argument(path_flag, dest="path" if path_flag == "--path" else "data",
+                   help="Kaggle folder or .npz file (not needed for synthetic)")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--cache", help="decoded-image cache root (default: $CXR_RAY_CACHE or ~/.cache/cxr-ray)")
+    p.add_argument("--synthetic-images", type=int, default=data.SYNTHETIC_DEFAULT_IMAGES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="prepare or check a data source").add_subparsers(dest="data_command",
+                                                                                      required=True)
+    p = d.add_parser("prepare", help="decode into the cache and write the patient-level split")
+    _data_args(p)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--out", required=True, help="directory for split.csv and data_report.json")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
+    p.set_defaults(func=cmd_data_prepare)
+    p = d.add_parser("check", help="counts, patients, duplicates, corrupt files, leakage")
+    _data_args(p)
+    p.add_argument("--size", type=int, default=64, help="decode size used to verify every image")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("train", help="fine-tune one configuration with Ray Train")
+    _data_args(p, "--data")
+    p.add_argument("--backbone", default="resnet18", help="any timm model name")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--workers", type=int, default=1, help="DDP workers")
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--gpus", type=float, default=0, help="GPUs per worker (0 = CPU)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any training setting, e.g. lr=3e-4")
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--name", help="run name; re-running the same name resumes it")
+    p.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("study", help="run, resume or inspect a study").add_subparsers(dest="study_command",
+                                                                                      required=True)
+    p = s.add_parser("run", help="run a study spec")
+    p.add_argument("spec")
+    p.add_argument("--out", help="study directory (default: runs/<name>)")
+    p.add_argument("--storage", help="storage root URI (s3://..., gs://..., NFS path); study goes to ROOT/<name>")
+    p.add_argument("--no-report", action="store_true")
+    p.set_defaults(func=cmd_study_run)
+    p = s.add_parser("resume", help="continue a killed or failed study")
+    p.add_argument("dir")
+    p.add_argument("--no-report", action="store_true")
+    p.set_defaults(func=cmd_study_resume)
+    p = s.add_parser("status", help="trials per arm and best so far")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_study_status)
+
+    p = sub.add_parser("report", help="write DIR/report/index.html and report.md")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="serve a study's best model over HTTP (Ray Serve)")
+    p.add_argument("dir", nargs="?", help="study directory or URI")
+    p.add_argument("--arm", help="serve this arm's best final model instead of the best arm's")
+    p.add_argument("--checkpoint", help="serve this checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1; anything else exposes an unauthenticated API)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", default="1", help="replica count or 'auto' for autoscaling")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0)
+    p.add_argument("--max-upload-mb", type=float, default=20)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from .models import ModelError
+    from .spec import SpecError
+    from .training import ConfigError
+    try:
+        args.func(args)
+    except (data.DataError, SpecError, ConfigError, ModelError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        from .study import StudyError
+        if isinstance(e, StudyError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

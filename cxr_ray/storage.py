@@ -1,0 +1,89 @@
+"""Study directories on local disk, NFS, or object storage (s3://, gs://), one API for all.
+
+Everything a study writes besides Ray's own experiment files goes through here, so the
+layout is identical on every backend and report/serve can read a study from any of them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def normalize(uri: str | Path) -> str:
+    """Absolute local paths (Train workers chdir elsewhere) or URIs unchanged."""
+    uri = str(uri)
+    return uri.rstrip("/") if is_remote(uri) else os.path.abspath(uri.removeprefix("file://"))
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = _fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = _fs(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such file") from None
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically on local disk (object stores are atomic per object already)."""
+    fs, path = _fs(uri)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def listdir(uri: str) -> list[str]:
+    fs, path = _fs(uri)
+    info = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(os.path.basename(i.path) for i in info)
+
+
+def local_dir(uri: str, cache: str | None = None) -> str:
+    """A local directory with the content of ``uri`` (downloaded once if remote)."""
+    if not is_remote(uri):
+        return os.path.abspath(uri)
+    target = Path(cache or tempfile.mkdtemp(prefix="cxr-ray-")) / uri.split("://", 1)[1].strip("/")
+    if not target.exists():
+        fs, path = _fs(uri)
+        tmp = Path(str(target) + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        tmp.rename(target)
+    return str(target)

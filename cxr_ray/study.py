@@ -1,0 +1,418 @@
+"""Running a study: paired ASHA search per arm, then multi-seed final training, on Ray Tune.
+
+Phases, each reading what the previous one wrote to the study directory:
+  1. data      spec.yaml, split.csv, data_report.json, configs.csv
+  2. search    Tune experiment ``search``: every arm x the same sampled configurations, one
+               Ray Train run per trial, stopped by per-arm ASHA; trials.csv, budget.csv
+  3. final     Tune experiment ``final``: each arm's best configuration retrained with every
+               final seed for the same epochs, scored on the held-out test split
+  4. evaluate  final.csv, summary.csv, comparison.csv, predictions.csv, best.json (evaluation.py)
+Killing the driver loses nothing: ``resume`` restores both Tune experiments, skips finished
+trials and continues unfinished ones from their last Ray Train checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from . import data, evaluation, runtime, spec as specs, storage, training
+from .scheduler import PerArmASHA, rung_milestones
+
+SEARCH, FINAL = "search", "final"
+
+
+class StudyError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- small io helpers
+
+def write_csv(uri: str, df: pd.DataFrame) -> None:
+    storage.write_text(uri, df.to_csv(index=False))
+
+
+def read_csv(uri: str, **kwargs) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), **kwargs)
+
+
+def write_json(uri: str, obj) -> None:
+    storage.write_text(uri, json.dumps(obj, indent=1, default=str))
+
+
+def read_json(uri: str):
+    return json.loads(storage.read_text(uri))
+
+
+# ----------------------------------------------------------------------------- trials
+
+def run_trial(config: dict, data_ref: list, plans: dict, settings: dict) -> None:
+    """Tune function trainable: one Ray Train run whose per-epoch reports reach Tune (and ASHA)."""
+    cfg = training.TrainConfig.from_dict(plans[_plan_key(config)]["train"])
+    training.fit(cfg, data_ref[0], name=tune.get_context().get_trial_id(), storage_path=settings["runs"],
+                 workers=settings["workers"], use_gpu=settings["gpus"] > 0, cpus_per_worker=settings["cpus"],
+                 gpus_per_worker=settings["gpus"], max_failures=settings["max_failures"],
+                 callbacks=[TuneReportCallback()], selection_metric=settings["metric"],
+                 selection_mode=settings["mode"])
+
+
+def _plan_key(config: dict) -> str:
+    return f"{config['arm']}/{config.get('config_id', 'best')}/{config['seed']}"
+
+
+def _trial_name(trial) -> str:
+    c = trial.config
+    return f"{c['arm']}-c{c.get('config_id', 'best')}-s{c['seed']}-{trial.trial_id}"
+
+
+def _tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) -> tune.Tuner:
+    """The Tune experiment of one phase; restored (not restarted) when it already exists."""
+    r = spec.resources
+    settings = {"runs": storage.join(sdir, "runs"), "workers": r["workers_per_trial"], "cpus": r["cpus_per_worker"],
+                "gpus": r["gpus_per_worker"], "max_failures": r["max_failures"],
+                "metric": spec.selection["metric"], "mode": spec.selection["mode"]}
+    # The trial function only waits on its Train run: a memory-only bundle keeps it from holding
+    # a CPU that the Train workers need (Tune does not count those; see max_concurrent_trials).
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data_ref=[data_ref], plans=plans, settings=settings),
+        {"memory": 64 * 1024**2})
+    path = storage.join(sdir, phase)
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = None
+    if phase == SEARCH:
+        b = spec.budget
+        scheduler = PerArmASHA(metric=spec.selection["metric"], mode=spec.selection["mode"], max_t=b["max_epochs"],
+                               grace_period=b["grace_period"], reduction_factor=b["reduction_factor"],
+                               state_path=storage.join(sdir, "asha_state.json"))
+        # config_id outermost: arms advance through the configurations side by side
+        space = {"config_id": tune.grid_search(sorted({p["config_id"] for p in plans.values()})),
+                 "arm": tune.grid_search(spec.arm_names), "seed": spec.seed}
+    else:
+        space = {"seed": tune.grid_search(spec.final["seeds"]), "arm": tune.grid_search(spec.arm_names)}
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=r["max_concurrent_trials"],
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=phase, storage_path=sdir, failure_config=tune.FailureConfig(max_failures=1),
+                                  verbose=1),
+    )
+
+
+def search_plans(spec: specs.Spec, configs: list[dict]) -> dict[str, dict]:
+    """Every arm on every sampled configuration with the same seed: the paired design."""
+    plans = {}
+    for cid, sample in enumerate(configs):
+        for arm in spec.arm_names:
+            cfg = specs.trial_config(spec, arm, sample, seed=spec.seed)
+            plans[_plan_key({"arm": arm, "config_id": cid, "seed": spec.seed})] = {
+                "arm": arm, "config_id": cid, "seed": spec.seed, "params": sample, "train": dataclasses.asdict(cfg)}
+    return plans
+
+
+def final_plans(spec: specs.Spec, best: dict[str, dict]) -> dict[str, dict]:
+    """Each arm's best configuration with every final seed, trained for the same epochs."""
+    plans = {}
+    for seed in spec.final["seeds"]:
+        for arm in spec.arm_names:
+            b = best[arm]
+            cfg = specs.trial_config(spec, arm, b["params"], seed=seed, evaluate_test=True,
+                                     epochs=spec.final_epochs_for(arm))
+            plans[_plan_key({"arm": arm, "seed": seed})] = {
+                "arm": arm, "config_id": b["config_id"], "seed": seed, "params": b["params"],
+                "train": dataclasses.asdict(cfg)}
+    return plans
+
+
+# ----------------------------------------------------------------------------- results
+
+def collect_trials(result_grid, sdir: str, phase: str, plans: dict) -> pd.DataFrame:
+    """One row per (trial, epoch): identity, hyperparameters, metrics, checkpoint (relative)."""
+    rows = []
+    for result in result_grid:
+        t = plans[_plan_key(result.config)]
+        df = result.metrics_dataframe
+        status = "error" if result.error else "ok"
+        if df is None or not len(df) or "epoch" not in df:
+            rows.append({"phase": phase, "trial_id": os.path.basename(result.path).rsplit("-", 1)[-1],
+                         "arm": t["arm"], "config_id": t["config_id"], "seed": t["seed"], "status": status})
+            continue
+        df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last")
+        for _, m in df.iterrows():
+            row = {"phase": phase, "trial_id": m.get("trial_id"), "arm": t["arm"], "config_id": t["config_id"],
+                   "seed": t["seed"], "status": status,
+                   **{f"hp_{k}": v for k, v in t["params"].items()},
+                   **{k: m[k] for k in df.columns if k in _METRIC_COLUMNS}}
+            ckpt = m.get("checkpoint_path")
+            row["checkpoint"] = _relative(ckpt, sdir) if isinstance(ckpt, str) else ""
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+_METRIC_COLUMNS = {"epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "val_sensitivity",
+                   "val_specificity", "val_f1", "val_accuracy_youden", "val_sensitivity_youden",
+                   "val_specificity_youden", "val_f1_youden", "threshold", "images_per_s", "data_wait_fraction",
+                   "epoch_time_s", "train_time_s", "lr", "time_total_s", "timestamp"}
+
+
+def _relative(path: str, sdir: str) -> str:
+    root = sdir.split("://", 1)[-1].rstrip("/")
+    path = path.split("://", 1)[-1]
+    return path[len(root) + 1:] if path.startswith(root + "/") else path
+
+
+def trial_summary(trials: pd.DataFrame, spec: specs.Spec, stops: dict) -> pd.DataFrame:
+    """One row per trial: last epoch, best and last metric, stop reason, times."""
+    metric = spec.selection["metric"]
+    sign = 1 if spec.selection["mode"] == "max" else -1
+    rows = []
+    for tid, g in trials.dropna(subset=["epoch"]).groupby("trial_id", sort=False):
+        g = g.sort_values("epoch")
+        last = g.iloc[-1]
+        epochs_needed = spec.epochs_for(last["arm"]) if last["phase"] == SEARCH else spec.final_epochs_for(last["arm"])
+        if tid in stops:
+            outcome = f"stopped by ASHA at epoch {int(stops[tid]['epoch'])}"
+        elif last["epoch"] >= epochs_needed:
+            outcome = "completed"
+        else:
+            outcome = "unfinished" if last["status"] == "ok" else "error"
+        rows.append({
+            "trial_id": tid, "arm": last["arm"], "config_id": last["config_id"], "seed": last["seed"],
+            **{c: last[c] for c in g.columns if c.startswith("hp_")},
+            "epochs": int(last["epoch"]), "outcome": outcome,
+            f"last_{metric}": last[metric], f"best_{metric}": (g[metric] * sign).max() * sign,
+            "in_loop_s": g["epoch_time_s"].sum(), "wall_s": last.get("time_total_s", np.nan),
+            "checkpoint": last["checkpoint"],
+        })
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["overhead_s"] = df["wall_s"] - df["in_loop_s"]
+        df = df.sort_values(f"last_{metric}", ascending=sign < 0, kind="stable")
+    return df
+
+
+def budget_table(summary: pd.DataFrame, spec: specs.Spec) -> pd.DataFrame:
+    """What each arm consumed: trials, epochs, trials reaching each rung, compute seconds."""
+    r, b = spec.resources, spec.budget
+    accel = "gpu" if r["gpus_per_worker"] > 0 else "cpu"
+    per_worker = r["gpus_per_worker"] if accel == "gpu" else r["cpus_per_worker"]
+    milestones = rung_milestones(b["grace_period"], b["max_epochs"], b["reduction_factor"]) + [b["max_epochs"]]
+    rows = []
+    for arm in spec.arm_names:
+        s = summary[summary["arm"] == arm]
+        row = {"arm": arm, "trials": len(s), "epochs": int(s["epochs"].sum()),
+               "stopped_early": int(s["outcome"].str.startswith("stopped").sum()),
+               "completed": int((s["outcome"] == "completed").sum()),
+               **{f"reached_epoch_{m}": int((s["epochs"] >= m).sum()) for m in sorted(set(milestones))},
+               f"{accel}_seconds": float(s["in_loop_s"].sum() * r["workers_per_trial"] * per_worker),
+               "wall_seconds": float(s["wall_s"].sum())}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def best_configs(summary: pd.DataFrame, spec: specs.Spec, configs: list[dict]) -> dict[str, dict]:
+    """Each arm's best configuration: among trials that ran the full budget (ASHA's survivors),
+    the best last-epoch selection metric; all trials of the arm if none finished."""
+    metric, mode = spec.selection["metric"], spec.selection["mode"]
+    best = {}
+    for arm in spec.arm_names:
+        s = summary[summary["arm"] == arm]
+        if not len(s):
+            raise StudyError(f"arm {arm}: no trial reported any result; see the Tune logs under search/")
+        done = s[s["outcome"] == "completed"]
+        pool = done if len(done) else s
+        row = pool.sort_values(f"last_{metric}", ascending=mode == "min", kind="stable").iloc[0]
+        cid = int(row["config_id"])
+        best[arm] = {"config_id": cid, "params": configs[cid], "trial_id": row["trial_id"],
+                     metric: float(row[f"last_{metric}"]), "epochs": int(row["epochs"])}
+    return best
+
+
+# ----------------------------------------------------------------------------- driver
+
+def study_dir(spec: specs.Spec, out: str | None, storage_root: str | None) -> str:
+    if out and storage_root:
+        raise StudyError("give either --out DIR or --storage URI, not both")
+    if out:
+        return storage.normalize(out)
+    root = storage_root or os.environ.get("CXR_RAY_STORAGE") or "runs"
+    return storage.join(storage.normalize(root), spec.name)
+
+
+def prepare_data(spec: specs.Spec, sdir: str, progress: bool = True) -> data.Prepared:
+    d = spec.data
+    prepared = data.prepare(d["source"], d["path"], d["image_size"], None, val_fraction=d["val_fraction"],
+                            test_fraction=d["test_fraction"], seed=spec.seed, strict=d["strict"],
+                            use_official_test=d["use_official_test"], synthetic_images=d["synthetic_images"],
+                            progress=progress)
+    for name in ("val", "test"):
+        labels = prepared.cache.index["label"].to_numpy()[prepared.rows[name]]
+        if len(set(labels)) < 2:
+            raise data.DataError(f"the {name} split has {len(labels)} images of a single class; use more data "
+                                 f"or a larger data.{name}_fraction")
+    write_csv(storage.join(sdir, "split.csv"), prepared.split)
+    write_json(storage.join(sdir, "data_report.json"), prepared.report)
+    return prepared
+
+
+def check_capacity(spec: specs.Spec) -> None:
+    """Refuse a trial the cluster can never place, instead of waiting forever."""
+    r = spec.resources
+    total = ray.cluster_resources()
+    need_cpu = r["workers_per_trial"] * r["cpus_per_worker"]
+    need_gpu = r["workers_per_trial"] * r["gpus_per_worker"]
+    autoscaling = bool(os.environ.get("RAY_ADDRESS"))  # a cluster may add nodes on demand
+    if not autoscaling and (need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0)):
+        raise StudyError(f"one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU "
+                         f"(resources.workers_per_trial x cpus/gpus_per_worker) but this Ray instance has "
+                         f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU")
+    fits = int(total.get("CPU", 0) // need_cpu) if need_cpu else r["max_concurrent_trials"]
+    if not autoscaling and r["max_concurrent_trials"] > fits:
+        print(f"note: resources.max_concurrent_trials={r['max_concurrent_trials']} but only {fits} trial(s) fit "
+              f"at once on this Ray instance; the rest will queue", file=sys.stderr)
+
+
+def run(spec_path: str, out: str | None = None, storage_root: str | None = None, *, report: bool = True) -> str:
+    """Run a study from a spec file; returns the study directory."""
+    spec = specs.load(spec_path)
+    sdir = study_dir(spec, out, storage_root)
+    spec_uri = storage.join(sdir, "spec.yaml")
+    if storage.exists(spec_uri):
+        existing = specs.load_resolved(spec_uri) if not storage.is_remote(sdir) else None
+        if existing is None or existing.hash != spec.hash:
+            raise StudyError(f"{sdir} already holds a study with a different spec; use `cxr-ray study resume "
+                             f"{sdir}` to continue it, or choose another --out")
+        print(f"{sdir} already holds this study: resuming it", flush=True)
+    else:
+        storage.write_text(spec_uri, specs.dump(spec))
+    return execute(spec, sdir, report=report)
+
+
+def resume(sdir: str, *, report: bool = True) -> str:
+    sdir = storage.normalize(sdir)
+    spec_uri = storage.join(sdir, "spec.yaml")
+    if not storage.exists(spec_uri):
+        raise StudyError(f"{sdir}: not a study directory (no spec.yaml)")
+    spec = specs.validate_text(storage.read_text(spec_uri), spec_uri)
+    return execute(spec, sdir, report=report)
+
+
+def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
+    start = time.time()
+    print(f"study {spec.name} ({spec.hash}) -> {sdir}", flush=True)
+    prepared = prepare_data(spec, sdir)
+    runtime.connect()
+    check_capacity(spec)
+    data_ref = runtime.put_data(prepared)
+
+    configs = specs.sample_configs(spec)
+    write_csv(storage.join(sdir, "configs.csv"), pd.DataFrame(configs).rename_axis("config_id").reset_index())
+
+    # Phase 2: search.
+    plans = search_plans(spec, configs)
+    print(f"search: {len(spec.arm_names)} arms x {len(configs)} configurations = {len(plans)} trials, "
+          f"up to {spec.budget['max_epochs']} epochs each", flush=True)
+    results = _tuner(spec, sdir, SEARCH, plans, data_ref).fit()
+    trials = collect_trials(results, sdir, SEARCH, plans)
+    stops = _asha_stops(sdir)
+    summary = trial_summary(trials, spec, stops)
+    budget = budget_table(summary, spec)
+    write_csv(storage.join(sdir, "trials.csv"), trials)
+    write_csv(storage.join(sdir, "trial_summary.csv"), summary)
+    write_csv(storage.join(sdir, "budget.csv"), budget)
+    print("\nbudget consumed per arm:\n" + budget.to_string(index=False), flush=True)
+    best = best_configs(summary, spec, configs)
+    write_json(storage.join(sdir, "best_configs.json"), best)
+
+    # Phase 3: final multi-seed training on the best configuration of each arm.
+    fplans = final_plans(spec, best)
+    print(f"\nfinal: {len(spec.arm_names)} arms x {len(spec.final['seeds'])} seeds = {len(fplans)} runs", flush=True)
+    final_results = _tuner(spec, sdir, FINAL, fplans, data_ref).fit()
+    final_trials = collect_trials(final_results, sdir, FINAL, fplans)
+    write_csv(storage.join(sdir, "final_trials.csv"), final_trials)
+
+    # Phase 4: evaluation on the held-out test split.
+    outcome = evaluation.evaluate(spec, sdir, prepared, final_trials)
+    write_json(storage.join(sdir, "study.json"), {
+        "name": spec.name, "spec_hash": spec.hash, "finished": True, "driver_wall_s": time.time() - start,
+        "command": " ".join(sys.argv), "ray_resources": ray.cluster_resources(),
+    })
+    print("\n" + outcome["verdict"], flush=True)
+    if report:
+        from . import report as reporting
+        path = reporting.write(sdir)
+        print(f"report: {path}", flush=True)
+    return sdir
+
+
+def _asha_stops(sdir: str) -> dict:
+    uri = storage.join(sdir, "asha_state.json")
+    return read_json(uri)["stopped"] if storage.exists(uri) else {}
+
+
+# ----------------------------------------------------------------------------- status
+
+def status(sdir: str) -> str:
+    """Trials done / running / stopped per arm and the best so far, from what is on disk."""
+    sdir = storage.normalize(sdir)
+    if not storage.exists(storage.join(sdir, "spec.yaml")):
+        raise StudyError(f"{sdir}: not a study directory (no spec.yaml)")
+    spec = specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
+    lines = [f"study {spec.name} ({spec.hash}) at {sdir}"]
+    stops = _asha_stops(sdir)
+    for phase in (SEARCH, FINAL):
+        state = _experiment_state(storage.join(sdir, phase), spec)
+        if state is None:
+            lines.append(f"{phase}: not started")
+            continue
+        lines.append(f"{phase}:")
+        metric = spec.selection["metric"]
+        for arm in spec.arm_names:
+            mine = [t for t in state if t["arm"] == arm]
+            counts = {}
+            for t in mine:
+                key = "stopped" if t["trial_id"] in stops else t["status"].lower()
+                counts[key] = counts.get(key, 0) + 1
+            scored = [t for t in mine if t.get(metric) is not None]
+            best = max(scored, key=lambda t: t[metric]) if scored else None
+            lines.append(f"  {arm:<24} " + "  ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                         + (f"  best {metric} {best[metric]:.4f} (config {best['config_id']}, epoch {best['epoch']})"
+                            if best else ""))
+    if storage.exists(storage.join(sdir, "summary.csv")):
+        lines.append("final evaluation:\n" + read_csv(storage.join(sdir, "summary.csv")).to_string(index=False))
+    return "\n".join(lines)
+
+
+def _experiment_state(path: str, spec: specs.Spec) -> list[dict] | None:
+    """Trial status and last result from Tune's experiment directory, without restoring it."""
+    if not storage.exists(path):
+        return None
+    trials = []
+    for name in storage.listdir(path):
+        trial_dir = storage.join(path, name)
+        params = storage.join(trial_dir, "params.json")
+        if not storage.exists(params):
+            continue
+        t = read_json(params)
+        last = {}
+        result_uri = storage.join(trial_dir, "result.json")
+        if storage.exists(result_uri):
+            lines = [ln for ln in storage.read_text(result_uri).splitlines() if ln.strip()]
+            last = json.loads(lines[-1]) if lines else {}
+        done = storage.exists(storage.join(trial_dir, "error.txt")) and "error" or None
+        epochs = last.get("epoch", 0)
+        target = spec.epochs_for(t["arm"]) if path.endswith(SEARCH) else spec.final_epochs_for(t["arm"])
+        status = done or ("terminated" if epochs >= target else "pending" if not last else "running")
+        trials.append({"arm": t["arm"], "config_id": t.get("config_id", "best"), "trial_id": name.rsplit("-", 1)[-1],
+                       "status": status, "epoch": epochs, **{k: v for k, v in last.items() if k.startswith("val_")}})
+    return trials
