@@ -61,7 +61,8 @@ def run_trial(config: dict, data_ref: list, plans: dict, settings: dict) -> None
     training.fit(cfg, data_ref[0], name=tune.get_context().get_trial_id(), storage_path=settings["runs"],
                  workers=settings["workers"], use_gpu=settings["gpus"] > 0, cpus_per_worker=settings["cpus"],
                  gpus_per_worker=settings["gpus"], max_failures=settings["max_failures"],
-                 callbacks=[TuneReportCallback()], selection_metric=settings["metric"],
+                 callbacks=[TuneReportCallback(), training.EpochLog(prefix=f"{_trial_name(config)}  ")],
+                 selection_metric=settings["metric"],
                  selection_mode=settings["mode"])
 
 
@@ -69,9 +70,10 @@ def _plan_key(config: dict) -> str:
     return f"{config['arm']}/{config.get('config_id', 'best')}/{config['seed']}"
 
 
-def _trial_name(trial) -> str:
-    c = trial.config
-    return f"{c['arm']}-c{c.get('config_id', 'best')}-s{c['seed']}-{trial.trial_id}"
+def _trial_name(trial_or_config) -> str:
+    c = getattr(trial_or_config, "config", trial_or_config)
+    name = f"{c['arm']}-c{c.get('config_id', 'best')}-s{c['seed']}"
+    return f"{name}-{trial_or_config.trial_id}" if hasattr(trial_or_config, "trial_id") else name
 
 
 def _tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) -> tune.Tuner:
@@ -105,8 +107,18 @@ def _tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) -> tu
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=r["max_concurrent_trials"],
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=phase, storage_path=sdir, failure_config=tune.FailureConfig(max_failures=1),
-                                  verbose=1),
+                                  progress_reporter=_progress_table(spec), verbose=1),
     )
+
+
+def _progress_table(spec: specs.Spec) -> tune.CLIReporter:
+    """A compact trial table every 30 s (Tune's default prints every metric of every trial)."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the table below replaces Tune's new per-trial result boxes
+    metric = spec.selection["metric"]
+    return tune.CLIReporter(parameter_columns=["arm", "config_id", "seed"],
+                            metric_columns={"epoch": "epoch", metric: metric, "val_loss": "val_loss",
+                                            "images_per_s": "img/s"},
+                            max_report_frequency=30, sort_by_metric=False, max_progress_rows=40)
 
 
 def search_plans(spec: specs.Spec, configs: list[dict]) -> dict[str, dict]:

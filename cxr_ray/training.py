@@ -260,7 +260,7 @@ def load_model(checkpoint_dir: str | Path) -> tuple[models.Classifier, dict]:
 
 def train_loop(config: dict) -> None:
     """Ray Train per-worker entry point. ``config``: TrainConfig fields + ``data``."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch comes from EpochLog
+    logging.getLogger().setLevel(logging.WARNING)  # Train logs every report at INFO; EpochLog prints one line
     data = config["data"]
     if isinstance(data, list):  # [ObjectRef]: wrapped so Ray passes the reference, not the arrays
         data = ray.get(data[0])
