@@ -14,11 +14,11 @@ where each trial stopped.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from . import storage
 
 
 def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
@@ -42,8 +42,16 @@ class PerArmASHA(FIFOScheduler):
         # arm -> str(milestone) -> {trial_id: metric}; and trial_id -> {arm, epoch, rung, metric}
         self.rungs: dict[str, dict[str, dict[str, float]]] = {}
         self.stopped: dict[str, dict] = {}
-        if state_path and os.path.exists(state_path):
-            state = json.loads(Path(state_path).read_text())
+        self._load()
+
+    def __setstate__(self, state: dict) -> None:
+        # Tuner.restore unpickles the scheduler as it was at the start: reload what was decided since.
+        self.__dict__.update(state)
+        self._load()
+
+    def _load(self) -> None:
+        if self.state_path and storage.exists(self.state_path):
+            state = json.loads(storage.read_text(self.state_path))
             self.rungs, self.stopped = state["rungs"], state["stopped"]
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
@@ -73,10 +81,8 @@ class PerArmASHA(FIFOScheduler):
 
     def _save(self) -> None:
         if self.state_path:
-            tmp = f"{self.state_path}.tmp"
-            Path(tmp).write_text(json.dumps({"milestones": self.milestones, "rungs": self.rungs,
-                                             "stopped": self.stopped}, indent=1))
-            os.replace(tmp, self.state_path)
+            storage.write_text(self.state_path, json.dumps({"milestones": self.milestones, "rungs": self.rungs,
+                                                            "stopped": self.stopped}, indent=1))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if self.time_attr not in result or self._metric not in result:

@@ -155,3 +155,64 @@ def make_kaggle_tree(tmp_path):
 @pytest.fixture
 def kaggle_tree(make_kaggle_tree) -> KaggleTree:
     return make_kaggle_tree()
+
+
+# ----------------------------------------------------------------------------- processes and studies
+
+TINY_SPEC = """
+name: tiny
+description: end-to-end test study (synthetic data, not medical)
+seed: 0
+data: {source: synthetic, image_size: 32, synthetic_images: 300}
+model: {head: linear}
+arms: [lcnet_050, mobilenetv3_small_050]
+search_space:
+  lr: {loguniform: [1e-3, 1e-2]}
+  weight_decay: {loguniform: [1e-5, 1e-3]}
+fixed: {batch_size: 32}
+budget: {samples_per_arm: 3, max_epochs: 3, grace_period: 1, reduction_factor: 2}
+resources: {workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}
+final: {seeds: [0, 1], bootstrap: 200}
+"""
+CLI = [str(REPO_ROOT / ".venv" / "bin" / "cxr-ray")] if (REPO_ROOT / ".venv" / "bin" / "cxr-ray").exists() \
+    else ["cxr-ray"]
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of a session: a CLI started with start_new_session and the local Ray it started."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(sid: int) -> None:
+    """Stop what a test started (never `ray stop`, which would stop every Ray on the host)."""
+    import os
+    import signal
+    import time
+    for _ in range(50):
+        pids = session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def study_env(tmp_path_factory) -> dict:
+    import os
+    env = dict(os.environ)
+    env["CXR_RAY_CACHE"] = str(tmp_path_factory.mktemp("study-cache"))
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
