@@ -138,7 +138,11 @@ def _train_fields() -> dict[str, type]:
     return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
-def _check_settings(block: dict, where: str, file: str, allow: tuple = ()) -> None:
+# TrainConfig field annotations (strings) -> accepted YAML types; TrainConfig itself does not check types.
+_FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "bool | str": (bool, str), "dict": dict}
+
+
+def _check_settings(block: dict, where: str, file: str, allow: tuple = (), values: bool = True) -> None:
     fields = _train_fields()
     for key in block:
         if key not in fields:
@@ -146,6 +150,8 @@ def _check_settings(block: dict, where: str, file: str, allow: tuple = ()) -> No
                             f"{', '.join(sorted(set(fields) - STUDY_OWNED))})")
         if key in STUDY_OWNED and key not in allow:
             raise SpecError(f"{file}: {where}.{key} is set by the study itself and cannot be configured here")
+        if values and fields[key] in _FIELD_TYPES:
+            _check_type(block[key], _FIELD_TYPES[fields[key]], f"{file}: {where}.{key}")
 
 
 def _check_distribution(key: str, dist, file: str) -> None:
@@ -153,10 +159,17 @@ def _check_distribution(key: str, dist, file: str) -> None:
     if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
         raise SpecError(f"{where}: expected one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}}, got {dist!r}")
     kind, args = next(iter(dist.items()))
+    field_type = _train_fields()[key]
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise SpecError(f"{where}: choice needs a non-empty list")
+        for i, option in enumerate(args):
+            if field_type in _FIELD_TYPES:
+                _check_type(option, _FIELD_TYPES[field_type], f"{where}[{i}]")
         return
+    if field_type != "float" and not (kind == "randint" and field_type == "int"):
+        raise SpecError(f"{where}: {kind} draws numbers but {key} is {field_type} (use choice"
+                        f"{' or randint' if field_type == 'int' else ''})")
     if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)):
         raise SpecError(f"{where}: {kind} needs [low, high], got {args!r}")
     low, high = args
@@ -252,7 +265,7 @@ def validate(raw: dict, file: str = "spec") -> Spec:
     space = raw.get("search_space") or {}
     if not isinstance(space, dict):
         raise SpecError(f"{file}: search_space: expected a mapping")
-    _check_settings(space, "search_space", file)
+    _check_settings(space, "search_space", file, values=False)
     for key, dist in space.items():
         _check_distribution(key, dist, file)
     overlap = sorted((set(model) | set(fixed)) & set(space))
@@ -286,6 +299,9 @@ def validate(raw: dict, file: str = "spec") -> Spec:
             if not isinstance(arm["settings"], dict):
                 raise SpecError(f"{where}.settings: expected a mapping")
             _check_settings(arm["settings"], f"arms[{i}].settings", file, allow=("epochs",))
+            if arm["settings"].get("epochs", 0) > out["budget"]["max_epochs"]:
+                raise SpecError(f"{where}.settings.epochs: {arm['settings']['epochs']} is more than "
+                                f"budget.max_epochs={out['budget']['max_epochs']}, where the search stops every trial")
         if arm["name"] in seen:
             raise SpecError(f"{where}: duplicate arm name {arm['name']!r}")
         seen.add(arm["name"])
@@ -294,9 +310,13 @@ def validate(raw: dict, file: str = "spec") -> Spec:
     if "pretrained" in model:
         del model["pretrained"]  # carried per arm from here on
 
-    # Every configuration this spec can produce must be a valid TrainConfig.
+    # Every configuration this spec can produce must be a valid TrainConfig: all the sampled ones,
+    # and every option of every choice (one the seed happens not to draw is still an error).
+    samples = sample_configs(Spec(file, out))
+    samples += [{**samples[0], key: option} for key, dist in space.items() if "choice" in dist
+                for option in dist["choice"]]
     for arm in out["arms"]:
-        for sample in sample_configs(Spec(file, out), 1):
+        for sample in samples:
             try:
                 trial_config(Spec(file, out), arm["name"], sample, seed=out["seed"])
             except ConfigError as e:

@@ -344,7 +344,11 @@ def train_loop(config: dict) -> None:
             t_ready = time.perf_counter()
         train_time = time.perf_counter() - start
 
-        # Validation on the full split, gathered so every rank reports identical numbers.
+        # Validation on the full split, gathered so every rank reports identical numbers. Each rank's
+        # BatchNorm statistics drifted on its own last batches: score with rank 0's, the checkpointed model.
+        if dist.is_initialized() and world > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
         p_val = predict_distributed(model, images, val_rows, norm, device, rank, world, cuda)
         stats = torch.tensor([loss_sum.item(), seen, wait, train_time], device=device, dtype=torch.float64)
         if dist.is_initialized():
