@@ -60,7 +60,7 @@ def cmd_train(args) -> None:
 
 def cmd_study_run(args) -> None:
     from . import study
-    study.run(args.spec, args.out, args.storage, report=not args.no_report)
+    study.run(args.spec, args.out, args.storage, data_path=args.data_path, report=not args.no_report)
 
 
 def cmd_study_resume(args) -> None:
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--out", help="study directory (default: runs/<name>)")
     p.add_argument("--storage", help="storage root URI (s3://..., gs://..., NFS path); study goes to ROOT/<name>")
+    p.add_argument("--data-path", help="replaces data.path of the spec (this machine's copy of the data)")
     p.add_argument("--no-report", action="store_true")
     p.set_defaults(func=cmd_study_run)
     p = s.add_parser("resume", help="continue a killed or failed study")

@@ -179,8 +179,11 @@ def _check_distribution(key: str, dist, file: str) -> None:
         raise SpecError(f"{where}: loguniform needs low > 0, got {args!r}")
 
 
-def load(path: str | Path, overrides: dict | None = None) -> Spec:
-    """Read and validate a spec; every error names the file and the key."""
+def load(path: str | Path, data_path: str | None = None) -> Spec:
+    """Read and validate a spec; every error names the file and the key.
+
+    ``data_path`` replaces ``data.path`` (the same study on another machine's copy of the data).
+    """
     file = str(path)
     try:
         raw = yaml_load(Path(path).read_text())
@@ -190,7 +193,8 @@ def load(path: str | Path, overrides: dict | None = None) -> Spec:
         raise SpecError(f"{file}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{file}: expected a mapping at the top level")
-    raw.update(overrides or {})
+    if data_path:
+        raw.setdefault("data", {})["path"] = data_path
     return validate(raw, file)
 
 
@@ -302,6 +306,8 @@ def validate(raw: dict, file: str = "spec") -> Spec:
             if arm["settings"].get("epochs", 0) > out["budget"]["max_epochs"]:
                 raise SpecError(f"{where}.settings.epochs: {arm['settings']['epochs']} is more than "
                                 f"budget.max_epochs={out['budget']['max_epochs']}, where the search stops every trial")
+            if arm["settings"].get("epochs", 0) > out["budget"]["max_epochs"]:
+                raise SpecError(f"{where}.settings.epochs exceeds budget.max_epochs={out['budget']['max_epochs']}")
         if arm["name"] in seen:
             raise SpecError(f"{where}: duplicate arm name {arm['name']!r}")
         seen.add(arm["name"])

@@ -294,9 +294,10 @@ def check_capacity(spec: specs.Spec) -> None:
               f"at once on this Ray instance; the rest will queue", file=sys.stderr)
 
 
-def run(spec_path: str, out: str | None = None, storage_root: str | None = None, *, report: bool = True) -> str:
+def run(spec_path: str, out: str | None = None, storage_root: str | None = None, *, data_path: str | None = None,
+        report: bool = True) -> str:
     """Run a study from a spec file; returns the study directory."""
-    spec = specs.load(spec_path)
+    spec = specs.load(spec_path, data_path)
     sdir = study_dir(spec, out, storage_root)
     spec_uri = storage.join(sdir, "spec.yaml")
     if storage.exists(spec_uri):
