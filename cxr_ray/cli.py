@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default 127.0.0.1; anything else exposes an unauthenticated API)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", default="1", help="replica count or 'auto' for autoscaling")
+    p.add_argument("--replicas", default="1", help="replica count, or 'auto' to autoscale up to --max-replicas")
+    p.add_argument("--max-replicas", type=int, default=4)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--gpus-per-replica", type=float, default=0)

@@ -84,3 +84,44 @@ def decode(data: bytes, size: int, name: str = "image") -> np.ndarray:
     except ImageError as e:
         raise ImageError(f"{name}: {e}") from None
     return square(gray, size)
+
+
+def is_dicom(data: bytes) -> bool:
+    return len(data) > 132 and data[128:132] == b"DICM"
+
+
+def decode_dicom(data: bytes, size: int, name: str = "image") -> np.ndarray:
+    """A single-frame grayscale DICOM -> the same uint8 square as ``decode``.
+
+    Applies the modality LUT (RescaleSlope/Intercept), the VOI LUT or window when present,
+    inverts MONOCHROME1 (where high values are dark), then min-max scales to 0..255.
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as e:
+        raise ImageError(f"{name}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageError(f"{name}: DICOM PhotometricInterpretation {photometric or 'missing'} is not a grayscale "
+                         "radiograph (need MONOCHROME1 or MONOCHROME2)")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImageError(f"{name}: multi-frame DICOM ({ds.NumberOfFrames} frames): send one frame")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if rows * cols > MAX_PIXELS:
+        raise ImageError(f"{name}: image too large ({cols}x{rows} px, limit {MAX_PIXELS} pixels)")
+    if min(rows, cols) < MIN_SIDE:
+        raise ImageError(f"{name}: image too small ({cols}x{rows} px, need at least {MIN_SIDE} px a side)")
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:  # compressed transfer syntaxes need optional decoders
+        syntax = getattr(ds.file_meta, "TransferSyntaxUID", "unknown")
+        raise ImageError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}: {e})") from None
+    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    gray = (values - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)
+    if photometric == "MONOCHROME1":
+        gray = 255.0 - gray
+    return square(gray.round().astype(np.uint8), size)

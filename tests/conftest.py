@@ -216,3 +216,134 @@ def study_env(tmp_path_factory) -> dict:
     env.pop("RAY_ADDRESS", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+# ----------------------------------------------------------------------------- a finished study, without Ray
+
+FAKE_SEPARATION = {"resnet18": 0.95, "densenet": 1.2, "effnet": 0.45}  # arm -> how far its test scores separate classes
+FAKE_BEST_ARM = "densenet"
+
+
+def fake_spec_raw(unmatched: bool = False) -> dict:
+    """Three arms x four configurations, ASHA rungs at epochs 1 and 2 of 4, final seeds 0/1/2."""
+    raw = {"name": "fake", "description": "report test study (synthetic data, not medical)", "seed": 0,
+           "data": {"source": "synthetic", "image_size": 64, "synthetic_images": 200},
+           "model": {"head": "linear"},
+           "arms": [{"name": "resnet18", "backbone": "resnet18"}, {"name": "densenet", "backbone": "densenet121"},
+                    {"name": "effnet", "backbone": "efficientnet_b0"}],
+           "search_space": {"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": {"loguniform": [1e-5, 1e-3]}},
+           "fixed": {"batch_size": 32},
+           "budget": {"samples_per_arm": 4, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
+           "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+           "final": {"seeds": [0, 1, 2], "bootstrap": 100}}
+    if unmatched:  # the seed-replication shape: each arm keeps the optimiser settings of its original paper
+        raw["unmatched"] = True
+        del raw["search_space"]["lr"]
+        for arm, (optimizer, lr, epochs) in zip(raw["arms"], [("sgd", 0.01, 4), ("adam", 3e-4, 3), ("adamw", 1e-3, 2)]):
+            arm["settings"] = {"optimizer": optimizer, "lr": lr, "epochs": epochs}
+    return raw
+
+
+def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
+    """A finished study directory written in the study's own formats, without Ray: the real ASHA
+    bookkeeping decides on simulated learning curves, the study's own functions write the trial
+    summary, budget and best configurations, and the real final evaluation scores simulated test
+    probabilities (FAKE_BEST_ARM clearly best). Deterministic."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from ray.tune.schedulers import TrialScheduler
+
+    from cxr_ray import evaluation, spec as specs, study
+    from cxr_ray.scheduler import PerArmASHA
+
+    root.mkdir(parents=True, exist_ok=True)
+    sdir = str(root)
+    spec = specs.validate(fake_spec_raw(unmatched), f"{root}/fake.yaml")
+    (root / "spec.yaml").write_text(specs.dump(spec))
+    rng = np.random.default_rng(0)
+
+    # 100 patients with two images each; the last 30 patients (60 images) are the test split
+    index = pd.DataFrame([{"item": f"SYN-P{p:05d}-{k:02d}.png", "label": int(p % 3 != 0), "patient": f"SYN-P{p:05d}"}
+                          for p in range(100) for k in range(2)])
+    parts = np.where(index.index < 100, "train", np.where(index.index < 140, "val", "test"))
+    split = index.assign(sha1=[f"{i:040x}" for i in range(len(index))], split=parts, reason="")
+    study.write_csv(f"{sdir}/split.csv", split)
+    study.write_json(f"{sdir}/data_report.json", {
+        "source": "synthetic", "path": "synthetic:0:200",
+        "notes": ["SYNTHETIC demo images drawn by cxr_ray.synthetic: not medical data"],
+        "images": len(index), "patients": 100,
+        "split": {name: {"images": int((parts == name).sum()), "patients": int(index[parts == name].patient.nunique()),
+                         "pneumonia_fraction": round(float(index[parts == name].label.mean()), 4)}
+                  for name in ("test", "train", "val")}})
+    configs = specs.sample_configs(spec)
+    study.write_csv(f"{sdir}/configs.csv", pd.DataFrame(configs).rename_axis("config_id").reset_index())
+
+    def epoch_row(phase, tid, arm, cid, seed, params, epoch, value, start):
+        t = 2.0 + 0.1 * epoch
+        return {"phase": phase, "trial_id": tid, "arm": arm, "config_id": cid, "seed": seed, "status": "ok",
+                **{f"hp_{k}": v for k, v in params.items()}, "epoch": epoch, "train_loss": 0.7 - 0.05 * epoch,
+                "val_loss": 0.75 - 0.3 * value, "val_auroc": value, "val_accuracy": value - 0.05,
+                "val_sensitivity": value, "val_specificity": value - 0.1, "val_f1": value - 0.03,
+                "val_accuracy_youden": value - 0.04, "val_sensitivity_youden": value, "val_specificity_youden": value,
+                "val_f1_youden": value - 0.02, "threshold": 0.5, "images_per_s": 300.0, "data_wait_fraction": 0.01,
+                "epoch_time_s": t, "train_time_s": t - 0.2, "lr": params.get("lr", 1e-3), "timestamp": 1795849000 + start,
+                "time_total_s": 20.0 + t * epoch, "checkpoint": f"runs/{tid}/checkpoint_{epoch:06d}"}
+
+    # search: the real per-arm ASHA rule on simulated curves (good lr near 1e-3, better arms higher)
+    asha = PerArmASHA(metric="val_auroc", mode="max", max_t=spec.budget["max_epochs"], grace_period=1,
+                      reduction_factor=2, state_path=f"{sdir}/asha_state.json")
+    rows = []
+    for cid, params in enumerate(configs):
+        for a, arm in enumerate(spec.arm_names):
+            tid = f"aaaaa_{cid * len(spec.arm_names) + a:05d}"
+            quality = 0.55 + 0.12 * FAKE_SEPARATION[arm] - 0.06 * abs(np.log10(params.get("lr", 1e-3)) + 3)
+            for epoch in range(1, spec.epochs_for(arm) + 1):
+                value = float(np.clip(quality - 0.2 * 0.5 ** epoch + rng.normal(0, 0.01), 0, 1))
+                rows.append(epoch_row("search", tid, arm, cid, spec.seed, params, epoch, value, len(rows)))
+                if epoch < spec.budget["max_epochs"] and asha.decide(tid, arm, epoch, value) == TrialScheduler.STOP:
+                    break
+    trials = pd.DataFrame(rows)
+    summary = study.trial_summary(trials, spec, asha.stopped)
+    best = study.best_configs(summary, spec, configs)
+    study.write_csv(f"{sdir}/trials.csv", trials)
+    study.write_csv(f"{sdir}/trial_summary.csv", summary)
+    study.write_csv(f"{sdir}/budget.csv", study.budget_table(summary, spec))
+    study.write_json(f"{sdir}/best_configs.json", best)
+
+    # final: each arm's best configuration x every seed; the real evaluation scores their test probabilities
+    test_rows = np.flatnonzero(parts == "test")
+    y = index["label"].to_numpy()[test_rows]
+    patient_effect = np.repeat(rng.normal(0, 0.6, len(test_rows) // 2), 2)  # hard patients are hard for every arm
+    rows = []
+    for seed in spec.final["seeds"]:
+        for a, arm in enumerate(spec.arm_names):
+            tid = f"bbbbb_{seed * len(spec.arm_names) + a:05d}"
+            params = best[arm]["params"]
+            epochs = spec.final_epochs_for(arm)
+            for epoch in range(1, epochs + 1):
+                rows.append(epoch_row("final", tid, arm, best[arm]["config_id"], seed, params, epoch,
+                                      0.6 + 0.1 * FAKE_SEPARATION[arm] + 0.01 * seed, len(rows)))
+            logit = FAKE_SEPARATION[arm] * (2 * y - 1) + patient_effect + rng.normal(0, 0.8, len(y))
+            ckpt = root / rows[-1]["checkpoint"]
+            ckpt.mkdir(parents=True, exist_ok=True)
+            np.save(ckpt / "test_probabilities.npy", (1 / (1 + np.exp(-logit))).astype(np.float32))
+            (ckpt / "meta.json").write_text(json.dumps({"backbone": spec.arm(arm)["backbone"],
+                                                       "threshold": 0.5 + 0.02 * (seed - 1)}))
+    final_trials = pd.DataFrame(rows)
+    study.write_csv(f"{sdir}/final_trials.csv", final_trials)
+    prepared = SimpleNamespace(rows={"test": test_rows}, cache=SimpleNamespace(index=index))
+    evaluation.evaluate(spec, sdir, prepared, final_trials)
+    study.write_json(f"{sdir}/study.json", {
+        "name": spec.name, "spec_hash": spec.hash, "finished": True, "driver_wall_s": 321.5,
+        "command": f"cxr-ray study run studies/fake.yaml --out {sdir}",
+        "ray_resources": {"CPU": 2.0, "memory": 8.0 * 2**30, "object_store_memory": 2.0 * 2**30,
+                          "node:127.0.0.1": 1.0}})
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_study_dir(tmp_path_factory) -> Path:
+    """A finished three-arm study directory (see write_fake_study); copy it before changing it."""
+    return write_fake_study(tmp_path_factory.mktemp("fake-study") / "fake")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
 from pathlib import Path
 
@@ -208,11 +207,15 @@ def test_every_sampled_configuration_is_validated(tmp_path):
     expect_error(write(tmp_path, raw), r"\bdropout\b")
 
 
-def test_overrides_are_validated_too(tmp_path):
-    path = write(tmp_path, variant())
-    with pytest.raises(SpecError, match=r"budget\.max_epochs"):
-        load(path, overrides={"budget": {"samples_per_arm": 2, "max_epochs": 0}})
-    assert load(path, overrides={"seed": 5}).seed == 5
+def test_data_path_replaces_the_spec_path(tmp_path):
+    """--data-path: the same spec on another machine's copy of the data."""
+    path = write(tmp_path, variant({"data": {"source": "kaggle", "path": "/data/chest_xray"}}))
+    assert load(path).data["path"] == "/data/chest_xray"
+    assert load(path, "/mnt/other/chest_xray").data["path"] == "/mnt/other/chest_xray"
+    missing = write(tmp_path, variant({"data": {"source": "kaggle"}}), "missing.yaml")
+    expect_error(missing, r"data\.path\b")
+    assert load(missing, "/mnt/x").data["path"] == "/mnt/x"
+    assert load(path, None).data["path"] == "/data/chest_xray"  # no override: the spec's own path
 
 
 # ----------------------------------------------------------------------------- YAML numbers

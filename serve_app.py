@@ -1,0 +1,14 @@
+"""Ray Serve entry point for a finished study.
+
+    serve run serve_app:app study_dir=runs/quickstart
+    serve run serve_app:app study_dir=s3://bucket/cxr-ray/kaggle_backbones arm=resnet50 replicas=auto
+
+Arguments (Serve application-builder arguments, all optional but one of study_dir/checkpoint):
+study_dir, arm, checkpoint, replicas (N or auto), max_replicas, max_batch_size, batch_wait_ms,
+gpus_per_replica, max_upload_mb. Serve binds 127.0.0.1:8000 unless its HTTP options say otherwise.
+"""
+from cxr_ray.serving import build
+
+
+def app(args: dict):
+    return build(**args)
