@@ -310,6 +310,13 @@ def train_loop(config: dict) -> None:
     class_weight = (len(y_train) / (2 * max(n_neg, 1)), len(y_train) / (2 * max(n_pos, 1)))
     gen = torch.Generator(device=device)
     val_y = labels[val_rows]
+    throughput = None
+    if rank == 0 and ray.is_initialized():  # Prometheus, via Ray's metrics agent (dashboard/Grafana)
+        from ray.util.metrics import Gauge
+        throughput = Gauge("cxr_ray_train_images_per_second", "Training images per second of a run",
+                           tag_keys=("study", "arm", "trial"))
+        throughput.set_default_tags({"study": cfg.study or "-", "arm": cfg.arm or cfg.backbone,
+                                     "trial": ctx.get_experiment_name()})
 
     for epoch in range(start_epoch, cfg.epochs):
         model.frozen_backbone = epoch < cfg.freeze_epochs
@@ -368,6 +375,8 @@ def train_loop(config: dict) -> None:
             "lr": optimizer.param_groups[0]["lr"],
             "frozen_backbone": model.frozen_backbone,
         }
+        if throughput:
+            throughput.set(report["images_per_s"])
         last = epoch + 1 == cfg.epochs
         p_test = None
         if last and cfg.evaluate_test:
