@@ -47,8 +47,8 @@ WRITTEN_BY = {
     "asha_state.json": "the search, at every ASHA decision", "trials.csv": "the end of the search phase",
     "trial_summary.csv": "the end of the search phase", "budget.csv": "the end of the search phase",
     "best_configs.json": "the end of the search phase", "final_trials.csv": "the end of the final training phase",
-    "final.csv": "the final evaluation", "summary.csv": "the final evaluation", "comparison.csv": "the final evaluation",
-    "predictions.csv": "the final evaluation", "best.json": "the final evaluation",
+    **{name: "the final evaluation"
+       for name in ("final.csv", "summary.csv", "comparison.csv", "predictions.csv", "best.json")},
     "study.json": "the end of the study",
 }
 METRIC_NAMES = {"auroc": "AUROC", "f1": "F1", "ece": "ECE"}
@@ -56,7 +56,7 @@ PACKAGES = ("cxr-ray", "ray", "torch", "timm", "numpy", "pandas", "matplotlib")
 
 
 class Missing(Exception):
-    """A block cannot be shown because an input file is absent (or holds nothing yet)."""
+    """A block cannot be shown because its input is absent or empty; the message says which."""
 
 
 # ----------------------------------------------------------------------------- reading the study
@@ -72,7 +72,14 @@ class Study:
         spec_uri = storage.join(sdir, "spec.yaml")
         if not storage.exists(spec_uri):
             raise FileNotFoundError(f"{sdir}: not a study directory (no spec.yaml)")
-        self.spec = specs.validate_text(storage.read_text(spec_uri), spec_uri)
+        raw = specs.yaml_load(storage.read_text(spec_uri))
+        if not isinstance(raw, dict):
+            raise specs.SpecError(f"{spec_uri}: expected a mapping at the top level")
+        # A recorded hash that differs is reported, not refused (as resume does): the file may have been
+        # written by a cxr_ray whose spec defaults differ, and its report should still be readable.
+        self.recorded_hash = raw.pop("spec_hash", None)
+        self.spec = specs.validate(raw, spec_uri)
+        self.spec_hash = self.recorded_hash or self.spec.hash
         self.metric, self.mode = self.spec.selection["metric"], self.spec.selection["mode"]
         self.arms = self.spec.arm_names
         self.data_report = self._json("data_report.json")
@@ -147,17 +154,17 @@ class Study:
     def parameters(self) -> dict[str, int | None]:
         """Parameter count per arm (its best configuration's head), built on PyTorch's meta device:
         no weights are loaded and no memory is used, so even large backbones take a fraction of a
-        second. None for a backbone this timm does not know."""
+        second. None where the model cannot be built here (e.g. a backbone this timm lacks)."""
         counts = {}
         for arm in self.arms:
             params = ((self.best_configs or {}).get(arm) or {}).get("params", {})
-            cfg = specs.trial_config(self.spec, arm, params, seed=self.spec.seed)
             try:
+                cfg = specs.trial_config(self.spec, arm, params, seed=self.spec.seed)
                 with torch.device("meta"):
                     net = models.build_model(cfg.backbone, head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout,
                                              image_size=cfg.image_size)
                 counts[arm] = models.count_parameters(net)
-            except models.ModelError:
+            except Exception:  # noqa: BLE001 - a model this environment cannot build just has no count
                 counts[arm] = None
         return counts
 
@@ -181,14 +188,14 @@ class Block:
 
 
 def guarded(title: str, build) -> list[Block]:
-    """A table or figure, or a sentence saying why it is not there. Anything unexpected in a
-    half-written directory becomes a red note rather than taking the whole report down."""
+    """The blocks ``build`` returns, or a sentence saying why they are not there. Anything unexpected
+    in a half-written directory becomes a red note rather than taking the whole report down."""
     try:
         return build()
     except Missing as e:
-        return [Block("note", f"{title}: not available yet: {e}.")]
+        return [Block("note", f"{title}: not shown, because {e}.")]
     except Exception as e:  # noqa: BLE001 - reported in the page itself
-        return [Block("warn", f"{title} could not be drawn ({type(e).__name__}: {e}).")]
+        return [Block("warn", f"{title} could not be shown ({type(e).__name__}: {e}).")]
 
 
 def fmt(value) -> str:
@@ -287,15 +294,14 @@ def search_progress(s: Study) -> str:
 
 def fairness(s: Study) -> list[Block]:
     spec, b, f = s.spec, s.spec.budget, s.spec.final
-    blocks = [Block("text", f"Spec hash {spec.hash}. Every arm is given the same search space, budget, data split "
-                            f"and seeds, listed here together with what each arm actually consumed.")]
+    blocks = [Block("text", f"Spec hash {s.spec_hash}. "
+                    + ("" if spec.unmatched else "Every arm is given the same search space, budget, data split and "
+                                                 "seeds, listed here together with what each arm actually consumed."))]
     if spec.unmatched:
         blocks.append(Block("warn", "UNMATCHED SPEC (unmatched: true): the arms ran with different settings, so this "
                                     "is a replication of separate experiments, not a fair comparison of backbones. "
-                                    "Per-arm settings: " + "; ".join(
-                                        f"{a['name']}: " + (", ".join(f"{k}={v}" for k, v in a.get("settings", {}).items())
-                                                            or "no own settings")
-                                        for a in spec.arms) + "."))
+                                    "Per-arm settings: "
+                                    + "; ".join(f"{a['name']}: {own_settings(a)}" for a in spec.arms) + "."))
     blocks += [Block("table", "Arms: backbone, weights and size.", "arms", arms_table(s)),
                Block("table", "Shared settings: the one search space, fixed settings and model options.",
                      "shared_settings", settings_table(s)),
@@ -303,7 +309,7 @@ def fairness(s: Study) -> list[Block]:
                              f"{b['max_epochs']} epochs, stopped by ASHA within its own arm (grace period "
                              f"{b['grace_period']}, reduction factor {b['reduction_factor']}, rungs at epoch(s) "
                              f"{', '.join(map(str, s.milestones)) or 'none'}); then the best configuration retrained "
-                             f"for {f['epochs'] or b['max_epochs']} epochs with each final seed. Consumed epochs "
+                             f"for {final_epochs(s)} epochs with each final seed. Consumed epochs "
                              f"differ between arms by design: ASHA stops each arm's weaker trials early.")]
     blocks += guarded("Budget consumed per arm", lambda: [Block("table", "Budget consumed per arm (budget.csv): "
                                                                 "search trials, epochs, trials reaching each rung, "
@@ -314,8 +320,19 @@ def fairness(s: Study) -> list[Block]:
                                 f"the same values, and every search trial trains with it); final seeds "
                                 f"{', '.join(map(str, f['seeds']))}."))
     blocks += guarded("Data split", lambda: split_blocks(s))
-    blocks += [Block("warn", d) for d in departures(s)]
+    blocks += guarded("The departure checks", lambda: [Block("warn", d) for d in departures(s)])
     return blocks
+
+
+def final_epochs(s: Study) -> str:
+    per_arm = {a: s.spec.final_epochs_for(a) for a in s.arms}
+    if len(set(per_arm.values())) == 1:
+        return str(next(iter(per_arm.values())))
+    return "each arm's own (" + ", ".join(f"{a} {e}" for a, e in per_arm.items()) + ")"
+
+
+def own_settings(arm: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in arm.get("settings", {}).items()) or "no own settings"
 
 
 def arms_table(s: Study) -> pd.DataFrame:
@@ -324,8 +341,7 @@ def arms_table(s: Study) -> pd.DataFrame:
         n = s.parameters[a["name"]]
         rows.append({"arm": a["name"], "backbone": a["backbone"], "pretrained": a["pretrained"],
                      "parameters (millions)": n / 1e6 if n is not None else float("nan"),
-                     **({"own settings": ", ".join(f"{k}={v}" for k, v in a.get("settings", {}).items())}
-                        if s.spec.unmatched else {})})
+                     **({"own settings": own_settings(a)} if s.spec.unmatched else {})})
     return pd.DataFrame(rows)
 
 
@@ -359,22 +375,21 @@ def split_blocks(s: Study) -> list[Block]:
     blocks = [Block("table", text, "split", table)]
     if leaked:
         blocks.append(Block("warn", f"{len(leaked)} patient(s) have images in more than one split (e.g. "
-                                    f"{', '.join(map(str, leaked[:3]))}): test images are not independent of training."))
+                                    f"{', '.join(map(str, leaked[:3]))}): test images are not independent of "
+                                    f"training."))
     return blocks
 
 
 def departures(s: Study) -> list[str]:
     """Where the study as run differs from the fair design the spec promises."""
     out, spec = [], s.spec
-    if not spec.unmatched:
-        planned = {a: spec.epochs_for(a) for a in s.arms}
-        if len(set(planned.values())) > 1:
-            out.append("Arms have different epoch budgets: " + ", ".join(f"{a} {e}" for a, e in planned.items()) + ".")
+    if not spec.unmatched:  # spec validation already keeps a matched spec's epoch budgets equal
         if s.budget is not None and not s.budget.empty:
             trials = dict(zip(s.budget["arm"], s.budget["trials"]))
             if len(set(trials.values())) > 1 or set(trials.values()) != {spec.budget["samples_per_arm"]}:
                 out.append(f"Arms ran different numbers of search trials (the spec gives each "
-                           f"{spec.budget['samples_per_arm']}): " + ", ".join(f"{a} {n}" for a, n in trials.items()) + ".")
+                           f"{spec.budget['samples_per_arm']}): "
+                           + ", ".join(f"{a} {n}" for a, n in trials.items()) + ".")
     ts = s.trial_summary
     if ts is not None and not ts.empty:
         hp = [c for c in ts.columns if c.startswith("hp_")]
@@ -398,8 +413,12 @@ def departures(s: Study) -> list[str]:
                  if a in s.arms and e < spec.final_epochs_for(a)]
         if short:
             out.append("Final runs that stopped before their epoch budget: " + ", ".join(short) + ".")
-    if s.study is not None and s.study.get("spec_hash") not in (None, spec.hash):
-        out.append(f"study.json records spec hash {s.study['spec_hash']} but spec.yaml hashes to {spec.hash}.")
+    if s.spec_hash != spec.hash:
+        out.append(f"spec.yaml records hash {s.spec_hash}, but this cxr_ray resolves its content to {spec.hash}: "
+                   f"the file was edited, or written by a cxr_ray version with other spec defaults. This report "
+                   f"reads the spec as this version does.")
+    if s.study is not None and s.study.get("spec_hash") not in (None, s.spec_hash):
+        out.append(f"study.json records spec hash {s.study['spec_hash']} but spec.yaml records {s.spec_hash}.")
     return out
 
 
@@ -499,12 +518,12 @@ def png(fig: Figure) -> bytes:
 
 def figures(s: Study) -> list[Block]:
     drawings = [("learning_curves", "Learning curves", learning_curves),
-              ("rung_survival", "ASHA rung survival", rung_survival),
-              ("test_auroc", "Final test AUROC per arm", test_auroc),
-              ("roc", "ROC curves on test", roc_curves),
-              ("cost", "Accuracy versus cost", cost),
-              ("sensitivity", "Hyperparameter sensitivity", sensitivity),
-              ("calibration", "Calibration of the best model", calibration)]
+                ("rung_survival", "ASHA rung survival", rung_survival),
+                ("test_auroc", "Final test AUROC per arm", auroc_per_arm),
+                ("roc", "ROC curves on test", roc_curves),
+                ("cost", "Accuracy versus cost", cost),
+                ("sensitivity", "Hyperparameter sensitivity", sensitivity),
+                ("calibration", "Calibration of the best model", calibration)]
     blocks = []
     for name, title, draw in drawings:
         def build(draw=draw, name=name, title=title):
@@ -557,7 +576,8 @@ def learning_curves(s: Study):
     marks = {"trial": Line2D([], [], color="0.35", lw=0.9, label="one search trial (colour: arm)"),
              "chosen": Line2D([], [], color="0.35", lw=2.6, label="configuration chosen for the final runs"),
              "stopped": Line2D([], [], marker="x", ls="", color="black", label="stopped by ASHA"),
-             "unfinished": Line2D([], [], marker="o", ls="", mfc="none", mec="black", label="unfinished (killed / error)")}
+             "unfinished": Line2D([], [], marker="o", ls="", mfc="none", mec="black",
+                                  label="unfinished (killed / error)")}
     fig.legend(handles=[h for k, h in marks.items() if k in shown], loc="outside upper center", ncols=4, fontsize=8.5,
                frameon=False)
     note = "" if s.asha is not None else f" Stop points not marked: {s.why('asha_state.json')}."
@@ -567,8 +587,8 @@ def learning_curves(s: Study):
 
 def rung_survival(s: Study):
     s.need("budget.csv")
-    cols = sorted((c for c in s.budget.columns if c.startswith("reached_epoch_")), key=lambda c: int(c.rsplit("_", 1)[1]))
-    epochs = [int(c.rsplit("_", 1)[1]) for c in cols]
+    epochs = sorted(int(c.removeprefix("reached_epoch_")) for c in s.budget.columns if c.startswith("reached_epoch_"))
+    cols = [f"reached_epoch_{e}" for e in epochs]
     fig, axes = new_figure(max(5.5, 1 + len(cols) * (0.5 + 0.35 * len(s.budget))), 3.6)
     ax = axes[0, 0]
     width = 0.8 / len(s.budget)
@@ -589,7 +609,7 @@ def rung_survival(s: Study):
                  "with each other, so each arm keeps about 1/reduction-factor of its trials per rung.")
 
 
-def test_auroc(s: Study):
+def auroc_per_arm(s: Study):
     s.need("summary.csv")
     sm = s.summary
     fig, axes = new_figure(max(5.0, 1.1 * len(sm) + 2.5), 3.8)
@@ -637,7 +657,8 @@ def roc_curves(s: Study):
         seeds.add(n)
         fpr, tpr, _ = metrics.roc_curve(y, p)
         c = metrics.confusion(y, p, thr)
-        ax.plot(fpr, tpr, color=s.color(arm), ls=s.linestyle(arm), lw=1.8, label=f"{arm} (AUROC {metrics.auroc(y, p):.3f})")
+        ax.plot(fpr, tpr, color=s.color(arm), ls=s.linestyle(arm), lw=1.8,
+                label=f"{arm} (AUROC {metrics.auroc(y, p):.3f})")
         ax.plot(1 - c["specificity"], c["sensitivity"], "o", ms=8, color=s.color(arm), mec="black", zorder=4,
                 clip_on=False)
     ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
@@ -696,7 +717,7 @@ def sensitivity(s: Study):
     s.need("trial_summary.csv")
     found = searched_parameter(s)
     if found is None:
-        raise Missing("no numeric hyperparameter was searched")
+        raise Missing("this study searched no numeric hyperparameter")
     key, dist = found
     ts, col = s.trial_summary, f"last_{s.metric}"
     chosen = {b["trial_id"] for b in (s.best_configs or {}).values()}
@@ -735,7 +756,8 @@ def calibration(s: Study):
     fig, axes = new_figure(5.6, 6.0, 2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax, hist = axes[0, 0], axes[1, 0]
     ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1, label="perfect calibration")
-    ax.plot(bins["mean_probability"], bins["fraction_positive"], "o-", color=s.color(arm), ms=7, label=f"{arm}, seed {seed}")
+    ax.plot(bins["mean_probability"], bins["fraction_positive"], "o-", color=s.color(arm), ms=7,
+            label=f"{arm}, seed {seed}")
     ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="observed fraction with pneumonia",
            title=f"Reliability on test: ECE {ece:.3f}")
     ax.legend(fontsize=8, loc="upper left")
@@ -755,12 +777,14 @@ def reproduction(s: Study) -> list[Block]:
     if s.study is None:
         blocks.append(Block("note", f"Command and Ray resources not available yet: {s.why('study.json')}."))
     else:
-        blocks += [Block("text", f"The study ran as (driver wall time {s.study.get('driver_wall_s', float('nan')):.0f} s):"),
+        wall = s.study.get("driver_wall_s", float("nan"))
+        blocks += [Block("text", f"The study ran as (driver wall time {wall:.0f} s):"),
                    Block("code", s.study.get("command", "")),
                    Block("table", "Ray cluster resources at the end of the study (study.json).", "ray_resources",
                          pd.DataFrame([{"resource": k, "amount": f"{v / 2**30:.1f} GiB" if "memory" in k else fmt(v)}
                                        for k, v in sorted(s.study.get("ray_resources", {}).items())]))]
-    blocks += [Block("text", f"Spec hash {s.spec.hash} (spec.yaml); continue or re-run this study directory with:"),
+    blocks += [Block("text", f"Spec hash {s.spec_hash} (spec.yaml). To continue this study (finished trials are "
+                             f"kept, unfinished ones resume from their last checkpoint):"),
                Block("code", f"cxr-ray study resume {s.dir}"),
                Block("table", "Package versions in the environment that wrote this report.", "packages",
                      pd.DataFrame([{"package": p, "version": version(p)} for p in PACKAGES]))]
@@ -783,7 +807,8 @@ h1{font-size:1.6em}h2{border-bottom:2px solid #0072B2;padding-bottom:.2em;margin
 .warn{border:2px solid #c00;background:#fdecea;color:#900;padding:.6em .9em;margin:.8em 0;font-weight:600}
 .note{color:#555;font-style:italic;border-left:3px solid #bbb;padding-left:.7em}
 table{border-collapse:collapse;font-size:.86em;margin:.4em 0 1.2em}
-th,td{border:1px solid #ccc;padding:.25em .55em;text-align:left;white-space:nowrap}th{background:#eef3f8}
+th,td{border:1px solid #ccc;padding:.25em .55em;text-align:left;white-space:nowrap}
+th{background:#eef3f8;white-space:normal;vertical-align:bottom}
 .wide{overflow-x:auto}.scroll{max-height:32em;overflow:auto}p,.warn,.note{overflow-wrap:anywhere}
 figure{margin:1.2em 0}img{max-width:100%;height:auto}figcaption,.caption{font-size:.9em;color:#333}
 pre{background:#f4f4f4;padding:.6em;overflow-x:auto}
@@ -804,7 +829,8 @@ def render_html(title: str, sections: list[tuple[str, list[Block]]]) -> str:
             elif b.kind == "code":
                 out.append(f"<pre>{text}</pre>")
             elif b.kind == "table":
-                body = b.df.map(fmt).to_html(index=False, border=0, escape=True)
+                shown = b.df.map(fmt).rename(columns=lambda c: str(c).replace("_", " "))  # headers may wrap
+                body = shown.to_html(index=False, border=0, escape=True)
                 wrap = "scroll" if len(b.df) > 25 else "wide"  # long tables scroll, wide ones never widen the page
                 out.append(f"<p class='caption'>{text}</p><div class='{wrap}'>{body}</div>")
             elif b.kind == "figure":
@@ -847,9 +873,9 @@ def render_markdown(title: str, sections: list[tuple[str, list[Block]]]) -> str:
 def build(sdir: str) -> tuple[str, list[tuple[str, list[Block]]]]:
     """The report's title and sections for a study directory (nothing written)."""
     s = Study(sdir)
-    title = f"Study report: {s.spec.name}"
-    return title, [("Verdict", verdict(s)), ("Fairness audit", fairness(s)), ("Tables", tables(s)),
-                   ("Figures", figures(s)), ("Reproduction", reproduction(s))]
+    sections = [("Verdict", verdict), ("Fairness audit", fairness), ("Tables", tables), ("Figures", figures),
+                ("Reproduction", reproduction)]
+    return f"Study report: {s.spec.name}", [(title, guarded(title, lambda f=f: f(s))) for title, f in sections]
 
 
 def write(study_dir: str) -> str:

@@ -35,7 +35,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "resources": {
         "workers_per_trial": (int, 1), "cpus_per_worker": ((int, float), 1), "gpus_per_worker": ((int, float), 0),
-        "max_concurrent_trials": (int, 1), "max_failures": (int, 2),
+        "max_concurrent_trials": (int, 1), "max_failures": (int, 2), "worker_resources": (dict, {}),
     },
     "selection": {"metric": (str, "val_auroc"), "mode": (str, "max")},
     "final": {"seeds": (list, [0, 1, 2]), "epochs": ((int, type(None)), None), "bootstrap": (int, 1000)},
@@ -69,12 +69,19 @@ class SpecError(ValueError):
     """A spec problem; the message names the file and the key."""
 
 
+def _digest(raw: dict) -> str:
+    return hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 @dataclasses.dataclass
 class Spec:
     path: str
     raw: dict  # the resolved spec (defaults filled in), as written to the study directory
+    recorded_hash: str | None = None  # a study's identity stays the hash it was started with
 
     def __getattr__(self, item):
+        if item.startswith("__") or "raw" not in self.__dict__:
+            raise AttributeError(item)
         try:
             return self.raw[item]
         except KeyError:
@@ -82,8 +89,7 @@ class Spec:
 
     @property
     def hash(self) -> str:
-        text = json.dumps(self.raw, sort_keys=True, default=str)
-        return hashlib.sha1(text.encode()).hexdigest()[:12]
+        return self.recorded_hash or _digest(self.raw)
 
     @property
     def arm_names(self) -> list[str]:
@@ -243,6 +249,9 @@ def validate(raw: dict, file: str = "spec") -> Spec:
                         "must be positive")
     if r["gpus_per_worker"] < 0:
         raise SpecError(f"{file}: resources.gpus_per_worker must be >= 0")
+    for key, value in r["worker_resources"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SpecError(f"{file}: resources.worker_resources.{key} must be a positive number (got {value!r})")
 
     s = out["selection"]
     if s["metric"] not in SELECTION_METRICS:
@@ -338,9 +347,10 @@ def validate_text(text: str, path: str) -> Spec:
     """The resolved spec a study wrote to its directory, checked against its recorded hash."""
     raw = yaml_load(text)
     recorded = raw.pop("spec_hash", None)
-    spec = validate(raw, path)
-    if recorded and recorded != spec.hash:
-        raise SpecError(f"{path}: spec_hash {recorded} does not match its content ({spec.hash}); was it edited?")
+    if recorded and recorded != _digest(raw):
+        raise SpecError(f"{path}: spec_hash {recorded} does not match its content ({_digest(raw)}); was it edited?")
+    spec = validate(raw, path)  # may fill in defaults added since the study started
+    spec.recorded_hash = recorded
     return spec
 
 

@@ -61,6 +61,7 @@ def run_trial(config: dict, data_ref: list, plans: dict, settings: dict) -> None
     training.fit(cfg, data_ref[0], name=tune.get_context().get_trial_id(), storage_path=settings["runs"],
                  workers=settings["workers"], use_gpu=settings["gpus"] > 0, cpus_per_worker=settings["cpus"],
                  gpus_per_worker=settings["gpus"], max_failures=settings["max_failures"],
+                 custom_resources=settings["custom"],
                  callbacks=[TuneReportCallback(), training.EpochLog(prefix=f"{_trial_name(config)}  ")],
                  selection_metric=settings["metric"],
                  selection_mode=settings["mode"])
@@ -80,7 +81,7 @@ def _tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) -> tu
     """The Tune experiment of one phase; restored (not restarted) when it already exists."""
     r = spec.resources
     settings = {"runs": storage.join(sdir, "runs"), "workers": r["workers_per_trial"], "cpus": r["cpus_per_worker"],
-                "gpus": r["gpus_per_worker"], "max_failures": r["max_failures"],
+                "gpus": r["gpus_per_worker"], "max_failures": r["max_failures"], "custom": r["worker_resources"],
                 "metric": spec.selection["metric"], "mode": spec.selection["mode"]}
     # The trial function only waits on its Train run: a memory-only bundle keeps it from holding
     # a CPU that the Train workers need (Tune does not count those; see max_concurrent_trials).
@@ -174,7 +175,7 @@ def collect_trials(result_grid, sdir: str, phase: str, plans: dict) -> pd.DataFr
 _METRIC_COLUMNS = {"epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "val_sensitivity",
                    "val_specificity", "val_f1", "val_accuracy_youden", "val_sensitivity_youden",
                    "val_specificity_youden", "val_f1_youden", "threshold", "images_per_s", "data_wait_fraction",
-                   "epoch_time_s", "train_time_s", "lr", "time_total_s", "timestamp"}
+                   "epoch_time_s", "train_time_s", "lr", "time_total_s", "timestamp", "node_id"}
 
 
 def _relative(path: str, sdir: str) -> str:
@@ -288,6 +289,10 @@ def check_capacity(spec: specs.Spec) -> None:
         raise StudyError(f"one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU "
                          f"(resources.workers_per_trial x cpus/gpus_per_worker) but this Ray instance has "
                          f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU")
+    for name, amount in r["worker_resources"].items():
+        if not autoscaling and r["workers_per_trial"] * amount > total.get(name, 0):
+            raise StudyError(f"one trial needs {r['workers_per_trial'] * amount:g} of resource {name!r} "
+                             f"(resources.worker_resources) but this Ray instance has {total.get(name, 0):g}")
     fits = int(total.get("CPU", 0) // need_cpu) if need_cpu else r["max_concurrent_trials"]
     if not autoscaling and r["max_concurrent_trials"] > fits:
         print(f"note: resources.max_concurrent_trials={r['max_concurrent_trials']} but only {fits} trial(s) fit "
@@ -301,11 +306,12 @@ def run(spec_path: str, out: str | None = None, storage_root: str | None = None,
     sdir = study_dir(spec, out, storage_root)
     spec_uri = storage.join(sdir, "spec.yaml")
     if storage.exists(spec_uri):
-        existing = specs.load_resolved(spec_uri) if not storage.is_remote(sdir) else None
-        if existing is None or existing.hash != spec.hash:
+        existing = specs.validate_text(storage.read_text(spec_uri), spec_uri)
+        if existing.raw != spec.raw:
             raise StudyError(f"{sdir} already holds a study with a different spec; use `cxr-ray study resume "
                              f"{sdir}` to continue it, or choose another --out")
         print(f"{sdir} already holds this study: resuming it", flush=True)
+        spec = existing
     else:
         storage.write_text(spec_uri, specs.dump(spec))
     return execute(spec, sdir, report=report)

@@ -374,6 +374,7 @@ def train_loop(config: dict) -> None:
             "train_time_s": time_total / world,
             "lr": optimizer.param_groups[0]["lr"],
             "frozen_backbone": model.frozen_backbone,
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
         }
         if throughput:
             throughput.set(report["images_per_s"])
@@ -413,14 +414,15 @@ class EpochLog(ray.train.UserCallback):
 
 
 def fit(cfg: TrainConfig, data_ref, *, name: str, storage_path: str, workers: int = 1, use_gpu: bool = False,
-        cpus_per_worker: float = 1, gpus_per_worker: float = 1, max_failures: int = 2,
+        cpus_per_worker: float = 1, gpus_per_worker: float = 1, custom_resources: dict | None = None,
+        max_failures: int = 2,
         callbacks: list | None = None, keep_checkpoints: int = 2, selection_metric: str = "val_auroc",
         selection_mode: str = "max"):
     """Run one configuration with Ray Train. Re-running the same ``name`` resumes it."""
     config = {**dataclasses.asdict(cfg), "data": [data_ref]}
     if not cfg.threads:
         config["threads"] = max(1, int(cpus_per_worker))
-    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {})
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {}) | (custom_resources or {})
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=config,

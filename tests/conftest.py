@@ -288,8 +288,9 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
                 "val_sensitivity": value, "val_specificity": value - 0.1, "val_f1": value - 0.03,
                 "val_accuracy_youden": value - 0.04, "val_sensitivity_youden": value, "val_specificity_youden": value,
                 "val_f1_youden": value - 0.02, "threshold": 0.5, "images_per_s": 300.0, "data_wait_fraction": 0.01,
-                "epoch_time_s": t, "train_time_s": t - 0.2, "lr": params.get("lr", 1e-3), "timestamp": 1795849000 + start,
-                "time_total_s": 20.0 + t * epoch, "checkpoint": f"runs/{tid}/checkpoint_{epoch:06d}"}
+                "epoch_time_s": t, "train_time_s": t - 0.2, "lr": params.get("lr", 1e-3),
+                "timestamp": 1795849000 + start, "time_total_s": 20.0 + t * epoch,
+                "checkpoint": f"runs/{tid}/checkpoint_{epoch:06d}"}
 
     # search: the real per-arm ASHA rule on simulated curves (good lr near 1e-3, better arms higher)
     asha = PerArmASHA(metric="val_auroc", mode="max", max_t=spec.budget["max_epochs"], grace_period=1,

@@ -50,7 +50,7 @@ def test_sections_in_order_and_nothing_missing(finished):
     assert re.findall(r"<h2>(.*?)</h2>", html) == SECTIONS
     assert re.findall(r"^## (.*)$", md, re.M) == SECTIONS
     for text in (html, md):  # a finished study shows everything
-        assert "not available yet" not in text and "could not be" not in text and "is missing" not in text
+        assert "not shown, because" not in text and "could not be" not in text and "is missing" not in text
 
 
 def test_every_figure_is_a_readable_png(finished):
@@ -125,6 +125,7 @@ def test_unmatched_spec_gets_a_red_box_with_each_arms_settings(tmp_path):
                          "effnet: optimizer=adamw, lr=0.001, epochs=2"):
         assert arm_settings in box.group(1)
     assert "UNMATCHED STUDY" in html.split("<h2>Fairness audit</h2>")[0]  # the verdict says so too
+    assert "against its weight_decay" in html  # no lr searched: sensitivity to the first numeric parameter
 
 
 def test_departures_from_the_fair_design_are_flagged(finished, fake_study_dir, tmp_path):
@@ -137,12 +138,15 @@ def test_departures_from_the_fair_design_are_flagged(finished, fake_study_dir, t
     study = json.loads((sdir / "study.json").read_text())
     (sdir / "study.json").write_text(json.dumps(study | {"spec_hash": "0123456789ab"}))
     (sdir / "data_report.json").write_text(json.dumps({"source": "kaggle", "path": "/data/chest_xray"}))
+    spec_text = (sdir / "spec.yaml").read_text()
+    (sdir / "spec.yaml").write_text(spec_text.replace("bootstrap: 100", "bootstrap: 200"))  # edited after the run
 
     html = page(Path(report.write(str(sdir))).parent)
     warnings = " ".join(re.findall(r"<div class='warn'>(.*?)</div>", html, re.S))
     assert "different numbers of search trials" in warnings and "effnet 3" in warnings
     assert "Missing final runs: resnet18 seed 2" in warnings
     assert "study.json records spec hash 0123456789ab" in warnings
+    assert "this cxr_ray resolves its content to" in warnings  # reported, not refused
     assert "SYNTHETIC DEMO DATA" not in html  # real data: no banner
 
 
@@ -162,7 +166,8 @@ PARTIAL = {
          "summary.csv is missing (it is written by the final evaluation)"]),
     "killed before best.json": (
         {"drop": ("best.json", "study.json")},
-        ["No model chosen to serve yet: best.json is missing", "Calibration of the best model: not available yet"]),
+        ["No model chosen to serve yet: best.json is missing",
+         "Calibration of the best model: not shown, because best.json is missing"]),
     "no asha state": ({"drop": ("asha_state.json",)}, ["Stop points not marked: asha_state.json is missing"]),
 }
 
@@ -180,7 +185,7 @@ def test_partial_study_reports_what_is_missing(finished, fake_study_dir, tmp_pat
     flat = re.sub(r"\s+", " ", html)
     for sentence in expected:
         assert sentence in flat and sentence.split(" (")[0] in md, sentence
-    assert "could not be drawn" not in html  # every gap is explained, none is an error
+    assert "could not be shown" not in html  # every gap is explained, none is an error
     drawn = set(re.findall(r"alt='(\w+)'", html))
     assert drawn == {p.stem for p in path.parent.glob("*.png")}  # figures of the old report did not survive
 
@@ -192,9 +197,9 @@ def test_empty_trials_and_unreadable_files(fake_study_dir, tmp_path):
     (sdir / "asha_state.json").write_text('{"rungs": {')  # cut off mid-write
     (sdir / "final_trials.csv").write_text("")
     html = re.sub(r"\s+", " ", Path(report.write(str(sdir))).read_text())
-    assert "Learning curves: not available yet: trials.csv holds no epoch results yet" in html
+    assert "Learning curves: not shown, because trials.csv holds no epoch results yet" in html
     assert "asha_state.json could not be read" in html
-    assert "could not be drawn" not in html
+    assert "could not be shown" not in html
 
 
 def test_not_a_study_directory(tmp_path):

@@ -276,7 +276,7 @@ def test_defaults_are_filled_in(tmp_path):
                          "test_fraction": 0.15, "use_official_test": True, "synthetic_images": 1200, "strict": False}
     assert spec.budget == {"samples_per_arm": 4, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2}
     assert spec.resources == {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0,
-                              "max_concurrent_trials": 1, "max_failures": 2}
+                              "max_concurrent_trials": 1, "max_failures": 2, "worker_resources": {}}
     assert spec.selection == {"metric": "val_auroc", "mode": "max"}
     assert spec.final == {"seeds": [0, 1, 2], "epochs": None, "bootstrap": 1000}
     assert spec.epochs_for("resnet18") == 4 and spec.final_epochs_for("resnet18") == 4
@@ -374,8 +374,9 @@ def test_tampered_dump_is_rejected(valid_path):
 
 def test_dump_errors_name_the_file():
     with pytest.raises(SpecError, match=r"^/studies/x/spec\.yaml: .*budget\.max_epochs"):
-        specs.validate_text(specs.dump(load_text(VALID)).replace("max_epochs: 6", "max_epochs: 0"),
-                            "/studies/x/spec.yaml")
+        dumped = specs.dump(load_text(VALID)).replace("max_epochs: 6", "max_epochs: 0")
+        unhashed = "\n".join(line for line in dumped.splitlines() if not line.startswith("spec_hash:"))
+        specs.validate_text(unhashed, "/studies/x/spec.yaml")
 
 
 def load_text(text: str) -> Spec:
@@ -517,3 +518,12 @@ def test_shipped_spec_loads(path):
     configs = sample_configs(spec)
     assert len(configs) == spec.budget["samples_per_arm"]
     study.search_plans(spec, configs)  # every trial of the search has a valid TrainConfig
+
+
+def test_a_study_keeps_its_hash_when_new_defaults_appear(tmp_path):
+    """A spec.yaml written before a default key existed still loads, with its original identity."""
+    spec = load_text(VALID)
+    old = dict(spec.raw, resources={k: v for k, v in spec.raw["resources"].items() if k != "worker_resources"})
+    text = yaml.safe_dump({**old, "spec_hash": specs._digest(old)}, sort_keys=False)
+    loaded = specs.validate_text(text, "old/spec.yaml")
+    assert loaded.hash == specs._digest(old) and loaded.raw["resources"]["worker_resources"] == {}

@@ -1,0 +1,161 @@
+"""Two Ray nodes on this machine: a study submitted through the Jobs API runs its trials on the
+worker node, the worker node is killed mid-trial, a replacement joins, and the study finishes.
+
+The head and both worker nodes are started by this test (`ray start --block` in sessions of their
+own, private ports and temp dir) and only they are stopped: never `ray stop`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import CLI, kill_session
+from cxr_ray.runtime import free_port
+
+pytestmark = pytest.mark.e2e
+BIN = Path(CLI[0]).parent if os.path.isabs(CLI[0]) else None
+EPOCHS = 4
+SPEC = f"""
+name: multinode
+seed: 0
+data: {{source: synthetic, image_size: 32, synthetic_images: 600}}
+arms: [lcnet_050, mobilenetv3_small_050]
+search_space:
+  lr: {{loguniform: [1e-3, 1e-2]}}
+fixed: {{batch_size: 32}}
+budget: {{samples_per_arm: 1, max_epochs: {EPOCHS}, grace_period: 1, reduction_factor: 2}}
+resources: {{workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2, worker_resources: {{trainer: 1}}}}
+final: {{seeds: [0], bootstrap: 100}}
+"""
+
+
+def ray_cmd(*args) -> list[str]:
+    return [str(BIN / "ray") if BIN else "ray", *args]
+
+
+class Cluster:
+    def __init__(self, root: Path, env: dict):
+        self.root, self.gcs_port, self.dash_port = root, free_port(), free_port()
+        self.env = env | {"RAY_AUTH_MODE": "token",  # the cluster keeps token auth on
+                          "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dash_port}",
+                          "PATH": f"{BIN}:{env['PATH']}" if BIN else env["PATH"]}
+        self.sessions: list[int] = []
+
+    def start(self, *args, log: str) -> int:
+        proc = subprocess.Popen(ray_cmd("start", "--block", "--disable-usage-stats", *args), env=self.env,
+                                stdout=open(self.root / log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.sessions.append(proc.pid)
+        return proc.pid
+
+    def start_head(self) -> None:
+        self.start("--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                   f"--dashboard-port={self.dash_port}", "--num-cpus=1", f"--temp-dir={self.root / 'ray'}",
+                   log="head.log")
+        self.wait_nodes(1)
+
+    def start_worker(self, log: str) -> int:
+        pid = self.start(f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=2", '--resources={"trainer": 2}',
+                         log=log)
+        return pid
+
+    def nodes(self) -> list[dict]:
+        code = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+                "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], "
+                "'trainer': n['Resources'].get('trainer', 0)} for n in ray.nodes()]))")
+        out = subprocess.run([str(BIN / "python") if BIN else "python", "-c", code], capture_output=True, text=True,
+                             env=self.env | {"RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}, timeout=120)
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+
+    def wait_nodes(self, alive: int, trainers: int | None = None, timeout: float = 120) -> list[dict]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            nodes = [n for n in self.nodes() if n["alive"]]
+            if len(nodes) == alive and (trainers is None or sum(n["trainer"] > 0 for n in nodes) == trainers):
+                return nodes
+            time.sleep(1)
+        raise AssertionError(f"cluster never reached {alive} alive nodes: {self.nodes()}")
+
+    def job(self, command: str, *args, timeout=300) -> subprocess.CompletedProcess:
+        return subprocess.run(ray_cmd("job", command, "--address", f"http://127.0.0.1:{self.dash_port}", *args),
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        for sid in reversed(self.sessions):
+            kill_session(sid)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, study_env):
+    c = Cluster(tmp_path_factory.mktemp("cluster"), study_env)
+    try:
+        c.start_head()
+        yield c
+    finally:
+        c.stop()
+
+
+def search_epochs(study: Path) -> list[int]:
+    epochs = []
+    for f in study.glob("search/*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        epochs += [rows[-1]["epoch"]] if rows else []
+    return epochs
+
+
+def test_study_runs_on_the_worker_node_and_survives_losing_it(cluster, tmp_path):
+    head = cluster.wait_nodes(1)[0]["id"]
+    first = cluster.start_worker("worker1.log")
+    nodes = cluster.wait_nodes(2, trainers=1)
+    worker1 = next(n["id"] for n in nodes if n["id"] != head)
+    spec, storage = tmp_path / "multinode.yaml", tmp_path / "shared"
+    spec.write_text(SPEC)
+    submitted = cluster.job("submit", "--no-wait", "--", CLI[0], "study", "run", str(spec), "--storage",
+                            str(storage), "--no-report")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = next(w for w in (submitted.stdout + submitted.stderr).split() if w.startswith("raysubmit_"))
+    study = storage / "multinode"
+
+    # Kill the worker node while a search trial is part-way through its epochs.
+    deadline = time.time() + 400
+    while time.time() < deadline and not any(1 <= e < EPOCHS for e in search_epochs(study)):
+        time.sleep(0.2)
+        if int(time.time()) % 10 == 0 and "FAILED" in cluster.job("status", job_id).stdout:
+            break
+    assert any(1 <= e < EPOCHS for e in search_epochs(study)), cluster.job("logs", job_id).stdout[-3000:]
+    kill_session(first)
+    time.sleep(3)
+    cluster.start_worker("worker2.log")
+    nodes = cluster.wait_nodes(2, trainers=1)
+    worker2 = next(n["id"] for n in nodes if n["id"] != head)
+
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        state = cluster.job("status", job_id).stdout
+        if any(s in state for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = cluster.job("logs", job_id).stdout
+    assert "SUCCEEDED" in state, logs[-5000:]
+
+    trials = pd.concat([pd.read_csv(study / "trials.csv"), pd.read_csv(study / "final_trials.csv")])
+    assert set(trials["node_id"]) <= {worker1, worker2} and head not in set(trials["node_id"])
+    assert worker2 in set(trials["node_id"])  # the replacement node took over
+    search = pd.read_csv(study / "trials.csv")
+    for tid, g in search.groupby("trial_id"):
+        assert sorted(g["epoch"]) == list(range(1, EPOCHS + 1)), f"{tid}: {list(g['epoch'])}"
+    # At least one trial ran on both nodes: started on the killed node, finished on its replacement
+    # from its last checkpoint (its epochs are not repeated).
+    moved = [tid for tid, g in search.groupby("trial_id") if set(g["node_id"]) == {worker1, worker2}]
+    assert moved, search[["trial_id", "epoch", "node_id"]].to_string()
+    for name in ("summary.csv", "comparison.csv", "best.json", "budget.csv"):
+        assert (study / name).exists(), name
+
+    status = subprocess.run(CLI + ["study", "status", str(study)], capture_output=True, text=True, timeout=120,
+                            env=cluster.env)
+    assert status.returncode == 0 and "final evaluation" in status.stdout
