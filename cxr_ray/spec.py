@@ -315,8 +315,6 @@ def validate(raw: dict, file: str = "spec") -> Spec:
             if arm["settings"].get("epochs", 0) > out["budget"]["max_epochs"]:
                 raise SpecError(f"{where}.settings.epochs: {arm['settings']['epochs']} is more than "
                                 f"budget.max_epochs={out['budget']['max_epochs']}, where the search stops every trial")
-            if arm["settings"].get("epochs", 0) > out["budget"]["max_epochs"]:
-                raise SpecError(f"{where}.settings.epochs exceeds budget.max_epochs={out['budget']['max_epochs']}")
         if arm["name"] in seen:
             raise SpecError(f"{where}: duplicate arm name {arm['name']!r}")
         seen.add(arm["name"])
@@ -335,7 +333,7 @@ def validate(raw: dict, file: str = "spec") -> Spec:
             try:
                 trial_config(Spec(file, out), arm["name"], sample, seed=out["seed"])
             except ConfigError as e:
-                raise SpecError(f"{file}: {e}") from None
+                raise SpecError(str(e)) from None  # already names the file and the arm
     return Spec(file, out)
 
 

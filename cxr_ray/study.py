@@ -77,7 +77,7 @@ def _trial_name(trial_or_config) -> str:
     return f"{name}-{trial_or_config.trial_id}" if hasattr(trial_or_config, "trial_id") else name
 
 
-def _tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) -> tune.Tuner:
+def phase_tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) -> tune.Tuner:
     """The Tune experiment of one phase; restored (not restarted) when it already exists."""
     r = spec.resources
     settings = {"runs": storage.join(sdir, "runs"), "workers": r["workers_per_trial"], "cpus": r["cpus_per_worker"],
@@ -341,7 +341,7 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
     plans = search_plans(spec, configs)
     print(f"search: {len(spec.arm_names)} arms x {len(configs)} configurations = {len(plans)} trials, "
           f"up to {spec.budget['max_epochs']} epochs each", flush=True)
-    results = _tuner(spec, sdir, SEARCH, plans, data_ref).fit()
+    results = phase_tuner(spec, sdir, SEARCH, plans, data_ref).fit()
     trials = collect_trials(results, sdir, SEARCH, plans)
     stops = _asha_stops(sdir)
     summary = trial_summary(trials, spec, stops)
@@ -356,7 +356,7 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
     # Phase 3: final multi-seed training on the best configuration of each arm.
     fplans = final_plans(spec, best)
     print(f"\nfinal: {len(spec.arm_names)} arms x {len(spec.final['seeds'])} seeds = {len(fplans)} runs", flush=True)
-    final_results = _tuner(spec, sdir, FINAL, fplans, data_ref).fit()
+    final_results = phase_tuner(spec, sdir, FINAL, fplans, data_ref).fit()
     final_trials = collect_trials(final_results, sdir, FINAL, fplans)
     write_csv(storage.join(sdir, "final_trials.csv"), final_trials)
 

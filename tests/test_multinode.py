@@ -81,9 +81,13 @@ class Cluster:
             time.sleep(1)
         raise AssertionError(f"cluster never reached {alive} alive nodes: {self.nodes()}")
 
-    def job(self, command: str, *args, timeout=300) -> subprocess.CompletedProcess:
-        return subprocess.run(ray_cmd("job", command, "--address", f"http://127.0.0.1:{self.dash_port}", *args),
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+    def job(self, command: str, *args, timeout=300) -> str:
+        """`ray job ...` against this cluster; stdout and stderr (the CLI logs its status there)."""
+        out = subprocess.run(ray_cmd("job", command, "--address", f"http://127.0.0.1:{self.dash_port}", *args),
+                             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=timeout)
+        assert out.returncode == 0 or command == "status", out.stdout[-3000:]
+        return out.stdout
 
     def stop(self) -> None:
         for sid in reversed(self.sessions):
@@ -117,17 +121,16 @@ def test_study_runs_on_the_worker_node_and_survives_losing_it(cluster, tmp_path)
     spec.write_text(SPEC)
     submitted = cluster.job("submit", "--no-wait", "--", CLI[0], "study", "run", str(spec), "--storage",
                             str(storage), "--no-report")
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    job_id = next(w for w in (submitted.stdout + submitted.stderr).split() if w.startswith("raysubmit_"))
+    job_id = next(w.strip("'") for w in submitted.split() if w.strip("'").startswith("raysubmit_"))
     study = storage / "multinode"
 
     # Kill the worker node while a search trial is part-way through its epochs.
     deadline = time.time() + 400
     while time.time() < deadline and not any(1 <= e < EPOCHS for e in search_epochs(study)):
         time.sleep(0.2)
-        if int(time.time()) % 10 == 0 and "FAILED" in cluster.job("status", job_id).stdout:
+        if int(time.time()) % 10 == 0 and "FAILED" in cluster.job("status", job_id):
             break
-    assert any(1 <= e < EPOCHS for e in search_epochs(study)), cluster.job("logs", job_id).stdout[-3000:]
+    assert any(1 <= e < EPOCHS for e in search_epochs(study)), cluster.job("logs", job_id)[-3000:]
     kill_session(first)
     time.sleep(3)
     cluster.start_worker("worker2.log")
@@ -136,11 +139,11 @@ def test_study_runs_on_the_worker_node_and_survives_losing_it(cluster, tmp_path)
 
     deadline = time.time() + 600
     while time.time() < deadline:
-        state = cluster.job("status", job_id).stdout
+        state = cluster.job("status", job_id)
         if any(s in state for s in ("SUCCEEDED", "FAILED", "STOPPED")):
             break
         time.sleep(3)
-    logs = cluster.job("logs", job_id).stdout
+    logs = cluster.job("logs", job_id)
     assert "SUCCEEDED" in state, logs[-5000:]
 
     trials = pd.concat([pd.read_csv(study / "trials.csv"), pd.read_csv(study / "final_trials.csv")])
