@@ -7,6 +7,7 @@ import os
 import sys
 
 from .spec import yaml_load
+from .training import ConfigError
 
 from . import data
 
@@ -15,7 +16,7 @@ def _parse_set(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key] = yaml_load(value)  # 3e-4 -> float, true -> bool, adamw -> str
     return out
@@ -164,21 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Bad input (data, spec, settings, model names, missing files, study state) exits 2 with one line."""
     args = build_parser().parse_args(argv)
     from .models import ModelError
     from .spec import SpecError
-    from .training import ConfigError
+    from .study import StudyError
     try:
         args.func(args)
-    except (data.DataError, SpecError, ConfigError, ModelError, FileNotFoundError) as e:
+    except (data.DataError, SpecError, ConfigError, ModelError, StudyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:
-        from .study import StudyError
-        if isinstance(e, StudyError):
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
 
 
 if __name__ == "__main__":
