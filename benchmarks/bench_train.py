@@ -59,10 +59,10 @@ def machine() -> str:
 
 
 def bare_loop(data: dict, cfg, epochs_log: list[dict]) -> float:
-    """train_loop's step, world size 1, no Ray; appends one {epoch, images_per_s, ...} per epoch."""
+    """train_loop's own epoch function (training.train_epoch), world size 1, no Ray; appends one
+    {epoch, images_per_s, ...} per epoch."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from cxr_ray import models, training
 
@@ -81,40 +81,14 @@ def bare_loop(data: dict, cfg, epochs_log: list[dict]) -> float:
     y_train = labels[train_rows]
     n_pos, n_neg = int(y_train.sum()), int(len(y_train) - y_train.sum())
     class_weight = (len(y_train) / (2 * max(n_neg, 1)), len(y_train) / (2 * max(n_pos, 1)))
-    gen = torch.Generator(device=device)
     t_all = time.perf_counter()
     for epoch in range(cfg.epochs):
-        model.frozen_backbone = epoch < cfg.freeze_epochs
-        model.train()
-        gen.manual_seed(cfg.seed * 1000 + epoch * 10)
-        batches = training.epoch_batches(train_rows, labels, cfg, epoch, 0, 1)
-        loss_sum, seen, wait = torch.zeros((), device=device), 0, 0.0
-        start = time.perf_counter()
-        t_ready = start
-        for x, y in training.Prefetcher(images, labels, batches, pin=False):
-            wait += time.perf_counter() - t_ready
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = training.normalize(x, norm)
-            if cfg.augment:
-                x = training.augment(x, gen)
-            logits = model(x).float()
-            weight = None
-            if cfg.imbalance == "weighted_loss":
-                weight = torch.where(y > 0.5, class_weight[1], class_weight[0])
-            loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            seen += len(y)
-            t_ready = time.perf_counter()
-        train_time = time.perf_counter() - start
+        loss_sum, seen, wait, train_time = training.train_epoch(
+            model, model, optimizer, scheduler, images, labels, train_rows, class_weight, norm, cfg, epoch, 0, 1,
+            device)
         epochs_log.append({"epoch": epoch + 1, "images_per_s": seen / max(train_time, 1e-9),
                            "data_wait_fraction": wait / max(train_time, 1e-9), "train_time_s": train_time,
-                           "train_loss": loss_sum.item() / max(seen, 1)})
+                           "train_loss": loss_sum / max(seen, 1)})
     return time.perf_counter() - t_all
 
 
@@ -203,7 +177,7 @@ def main() -> int:
                 print(f"bench_train: expected {cfg.epochs} epoch reports from Ray Train, got {len(ray_log)}",
                       file=sys.stderr)
                 return 1
-            print(f"  ray:          " + "  ".join(f"e{m['epoch']} {m['images_per_s']:.0f}" for m in ray_log)
+            print("  ray:          " + "  ".join(f"e{m['epoch']} {m['images_per_s']:.0f}" for m in ray_log)
                   + f" img/s; fit() took {ray_wall:.1f} s for {cfg.epochs} epochs; {machine()}", flush=True)
 
             for _ in range(args.bare_runs - before):

@@ -258,6 +258,46 @@ def load_model(checkpoint_dir: str | Path) -> tuple[models.Classifier, dict]:
 
 # ----------------------------------------------------------------------------- the loop
 
+def train_epoch(net, model, optimizer, scheduler, images, labels, train_rows, class_weight, norm, cfg: TrainConfig,
+                epoch: int, rank: int, world: int, device: torch.device) -> tuple[float, int, float, float]:
+    """One epoch of this rank's shard: (loss sum, images seen, seconds waiting for data, seconds).
+
+    Every random stream (order, augmentation, dropout) is seeded from (seed, epoch, rank), so a run
+    resumed from a checkpoint continues exactly as the uninterrupted run would have.
+    """
+    cuda = device.type == "cuda"
+    model.frozen_backbone = epoch < cfg.freeze_epochs
+    net.train()
+    torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+    weights = torch.tensor(class_weight, device=device)
+    loss_sum, seen, wait = torch.zeros((), device=device), 0, 0.0
+    start = t_ready = time.perf_counter()
+    for x, y in Prefetcher(images, labels, epoch_batches(train_rows, labels, cfg, epoch, rank, world), pin=cuda):
+        wait += time.perf_counter() - t_ready
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x = normalize(x, norm)
+        if cfg.augment:
+            x = augment(x, gen)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = net(x).float()
+        weight = weights[y.long()] if cfg.imbalance == "weighted_loss" else None
+        loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+        t_ready = time.perf_counter()
+    return loss_sum.item(), seen, wait, time.perf_counter() - start
+
+
 def train_loop(config: dict) -> None:
     """Ray Train per-worker entry point. ``config``: TrainConfig fields + ``data``."""
     logging.getLogger().setLevel(logging.WARNING)  # Train logs every report at INFO; EpochLog prints one line
@@ -308,7 +348,6 @@ def train_loop(config: dict) -> None:
     y_train = labels[train_rows]
     n_pos, n_neg = int(y_train.sum()), int(len(y_train) - y_train.sum())
     class_weight = (len(y_train) / (2 * max(n_neg, 1)), len(y_train) / (2 * max(n_pos, 1)))
-    gen = torch.Generator(device=device)
     val_y = labels[val_rows]
     throughput = None
     if rank == 0 and ray.is_initialized():  # Prometheus, via Ray's metrics agent (dashboard/Grafana)
@@ -319,37 +358,10 @@ def train_loop(config: dict) -> None:
                                      "trial": ctx.get_experiment_name()})
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.frozen_backbone = epoch < cfg.freeze_epochs
-        net.train()
-        gen.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
-        batches = epoch_batches(train_rows, labels, cfg, epoch, rank, world)
-        loss_sum, seen, wait = torch.zeros((), device=device), 0, 0.0
         start = time.perf_counter()
-        t_ready = start
-        for x, y in Prefetcher(images, labels, batches, pin=cuda):
-            wait += time.perf_counter() - t_ready
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = normalize(x, norm)
-            if cfg.augment:
-                x = augment(x, gen)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = net(x).float()
-            weight = None
-            if cfg.imbalance == "weighted_loss":
-                weight = torch.where(y > 0.5, class_weight[1], class_weight[0])
-            loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            seen += len(y)
-            t_ready = time.perf_counter()
-        train_time = time.perf_counter() - start
+        loss_sum, seen, wait, train_time = train_epoch(net, model, optimizer, scheduler, images, labels,
+                                                       train_rows, class_weight, norm, cfg, epoch, rank, world,
+                                                       device)
 
         # Validation on the full split, gathered so every rank reports identical numbers. Each rank's
         # BatchNorm statistics drifted on its own last batches: score with rank 0's, the checkpointed model.
@@ -357,7 +369,7 @@ def train_loop(config: dict) -> None:
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
         p_val = predict_distributed(model, images, val_rows, norm, device, rank, world, cuda)
-        stats = torch.tensor([loss_sum.item(), seen, wait, train_time], device=device, dtype=torch.float64)
+        stats = torch.tensor([loss_sum, seen, wait, train_time], device=device, dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(stats)
         loss_total, seen_total, wait_total, time_total = stats.tolist()

@@ -173,6 +173,13 @@ def test_study_runs_on_the_worker_node_and_survives_losing_it(cluster, tmp_path)
     # from its last checkpoint (its epochs are not repeated).
     moved = [tid for tid, g in search.groupby("trial_id") if set(g["node_id"]) == {worker1, worker2}]
     assert moved, search[["trial_id", "epoch", "node_id"]].to_string()
+    # The final run with seed 0 repeats the search run of the same configuration and seed: an
+    # interrupted-and-resumed trial must have followed exactly the uninterrupted trajectory.
+    final = pd.read_csv(study / "final_trials.csv")
+    for arm in search["arm"].unique():
+        resumed = search[search["arm"] == arm].sort_values("epoch")["val_auroc"].to_numpy()
+        uninterrupted = final[final["arm"] == arm].sort_values("epoch")["val_auroc"].to_numpy()
+        assert resumed == pytest.approx(uninterrupted, abs=1e-6), arm
     for name in ("summary.csv", "comparison.csv", "best.json", "budget.csv"):
         assert (study / name).exists(), name
 
