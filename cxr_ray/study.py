@@ -62,7 +62,9 @@ def run_trial(config: dict, data_ref: list, plans: dict, settings: dict) -> None
                  workers=settings["workers"], use_gpu=settings["gpus"] > 0, cpus_per_worker=settings["cpus"],
                  gpus_per_worker=settings["gpus"], max_failures=settings["max_failures"],
                  custom_resources=settings["custom"],
-                 callbacks=[TuneReportCallback(), training.EpochLog(prefix=f"{_trial_name(config)}  ")],
+                 callbacks=[TuneReportCallback(), training.EpochLog(
+                     storage.join(settings["runs"], tune.get_context().get_trial_id(), "metrics.csv"),
+                     prefix=f"{_trial_name(config)}  ")],
                  selection_metric=settings["metric"],
                  selection_mode=settings["mode"])
 
@@ -150,32 +152,31 @@ def final_plans(spec: specs.Spec, best: dict[str, dict]) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- results
 
 def collect_trials(result_grid, sdir: str, phase: str, plans: dict) -> pd.DataFrame:
-    """One row per (trial, epoch): identity, hyperparameters, metrics, checkpoint (relative)."""
+    """One row per (trial, epoch): identity, hyperparameters, metrics, checkpoint (relative).
+
+    The per-epoch history is each Train run's own ``metrics.csv`` (see ``training.EpochLog``):
+    Tune restarts a trial whose actor died with fresh result files, the run's history does not.
+    Tune contributes the trial's status and its wall time (``time_total_s``).
+    """
     rows = []
     for result in result_grid:
         t = plans[_plan_key(result.config)]
-        df = result.metrics_dataframe
-        status = "error" if result.error else "ok"
-        if df is None or not len(df) or "epoch" not in df:
-            rows.append({"phase": phase, "trial_id": os.path.basename(result.path).rsplit("-", 1)[-1],
-                         "arm": t["arm"], "config_id": t["config_id"], "seed": t["seed"], "status": status})
+        trial_id = os.path.basename(result.path).rsplit("-", 1)[-1]
+        identity = {"phase": phase, "trial_id": trial_id, "arm": t["arm"], "config_id": t["config_id"],
+                    "seed": t["seed"], "status": "error" if result.error else "ok",
+                    **{f"hp_{k}": v for k, v in t["params"].items()}}
+        history_uri = storage.join(sdir, "runs", trial_id, "metrics.csv")
+        if not storage.exists(history_uri):
+            rows.append(identity)
             continue
-        df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last")
-        for _, m in df.iterrows():
-            row = {"phase": phase, "trial_id": m.get("trial_id"), "arm": t["arm"], "config_id": t["config_id"],
-                   "seed": t["seed"], "status": status,
-                   **{f"hp_{k}": v for k, v in t["params"].items()},
-                   **{k: m[k] for k in df.columns if k in _METRIC_COLUMNS}}
-            ckpt = m.get("checkpoint_path")
-            row["checkpoint"] = _relative(ckpt, sdir) if isinstance(ckpt, str) else ""
-            rows.append(row)
+        history = read_csv(history_uri)
+        history["checkpoint"] = [_relative(c, sdir) if isinstance(c, str) else "" for c in history["checkpoint"]]
+        tune_df = result.metrics_dataframe
+        if tune_df is not None and {"epoch", "time_total_s"} <= set(tune_df.columns):
+            times = tune_df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last")
+            history = history.merge(times[["epoch", "time_total_s"]], on="epoch", how="left")
+        rows += [identity | m for m in history.to_dict("records")]
     return pd.DataFrame(rows)
-
-
-_METRIC_COLUMNS = {"epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "val_sensitivity",
-                   "val_specificity", "val_f1", "val_accuracy_youden", "val_sensitivity_youden",
-                   "val_specificity_youden", "val_f1_youden", "threshold", "images_per_s", "data_wait_fraction",
-                   "epoch_time_s", "train_time_s", "lr", "time_total_s", "timestamp", "node_id"}
 
 
 def _relative(path: str, sdir: str) -> str:

@@ -387,6 +387,7 @@ def train_loop(config: dict) -> None:
             "lr": optimizer.param_groups[0]["lr"],
             "frozen_backbone": model.frozen_backbone,
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+            "started_at_epoch": start_epoch,  # 0 for a fresh run, k when resumed from epoch k's checkpoint
         }
         if throughput:
             throughput.set(report["images_per_s"])
@@ -408,21 +409,33 @@ def train_loop(config: dict) -> None:
 # ----------------------------------------------------------------------------- launcher
 
 class EpochLog(ray.train.UserCallback):
-    """Prints one line per epoch and appends it to a CSV (runs in the Train controller)."""
+    """Prints one line per epoch and keeps the run's per-epoch history as a CSV on its storage
+    (local disk, NFS or object storage). Runs in the Train controller.
 
-    def __init__(self, csv_path: str | None = None, prefix: str = ""):
-        self.csv_path, self.prefix = csv_path, prefix
+    The history survives restarts: a resumed run keeps the rows of the epochs before the one it
+    resumed at and replaces any later ones, so every epoch appears once, whoever trained it.
+    """
+
+    def __init__(self, csv_uri: str | None = None, prefix: str = ""):
+        self.csv_uri, self.prefix = csv_uri, prefix
 
     def after_report(self, run_context, metrics, checkpoint):
+        import io
+
+        import pandas as pd
+
+        from . import storage
         m = metrics[0]
         print(f"{self.prefix}epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
               f"val_auroc {m['val_auroc']:.4f}  val_acc@youden {m['val_accuracy_youden']:.4f}  "
               f"{m['images_per_s']:.0f} img/s  data_wait {100 * m['data_wait_fraction']:.1f}%", flush=True)
-        if self.csv_path:
-            import pandas as pd
-            row = pd.DataFrame([{**m, "checkpoint": checkpoint.path if checkpoint else ""}])
-            exists = os.path.exists(self.csv_path)
-            row.to_csv(self.csv_path, mode="a", header=not exists, index=False)
+        if not self.csv_uri:
+            return
+        row = pd.DataFrame([{**m, "checkpoint": checkpoint.path if checkpoint else ""}])
+        if storage.exists(self.csv_uri):
+            history = pd.read_csv(io.BytesIO(storage.read_bytes(self.csv_uri)))
+            row = pd.concat([history[history["epoch"] < m["epoch"]], row], ignore_index=True)
+        storage.write_text(self.csv_uri, row.to_csv(index=False))
 
 
 def fit(cfg: TrainConfig, data_ref, *, name: str, storage_path: str, workers: int = 1, use_gpu: bool = False,

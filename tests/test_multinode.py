@@ -70,11 +70,12 @@ class Cluster:
 
     def nodes(self) -> list[dict]:
         code = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
-                "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], "
+                "print('NODES', json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], "
                 "'trainer': n['Resources'].get('trainer', 0)} for n in ray.nodes()]))")
         out = subprocess.run([str(BIN / "python") if BIN else "python", "-c", code], capture_output=True, text=True,
                              env=self.env | {"RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}, timeout=120)
-        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+        found = [line[6:] for line in out.stdout.splitlines() if line.startswith("NODES ")]  # Ray prints too
+        return json.loads(found[-1]) if found else []
 
     def wait_nodes(self, alive: int, trainers: int | None = None, timeout: float = 120) -> list[dict]:
         deadline = time.time() + timeout

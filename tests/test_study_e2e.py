@@ -23,11 +23,20 @@ ARTIFACTS = ["spec.yaml", "split.csv", "data_report.json", "configs.csv", "trial
 
 
 def trial_results(study: Path) -> dict[str, list[dict]]:
-    """Tune's per-trial result.json rows, keyed by trial directory name."""
+    """Each search trial's per-epoch history (its Train run's metrics.csv), keyed by trial id."""
+    search = {p.name.rsplit("-", 1)[-1] for p in study.glob("search/*-*_*") if p.is_dir()}
     out = {}
-    for f in sorted(study.glob("search/*/result.json")):
-        out[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    for f in sorted(study.glob("runs/*/metrics.csv")):
+        if f.parent.name in search:
+            try:
+                out[f.parent.name] = pd.read_csv(f).to_dict("records")
+            except (pd.errors.EmptyDataError, OSError):
+                continue  # being written
     return out
+
+
+def summary(rows: list[dict]) -> list[tuple]:
+    return [(r["epoch"], round(r["train_loss"], 9), round(r["val_auroc"], 9), r["checkpoint"]) for r in rows]
 
 
 @pytest.fixture(scope="session")
@@ -78,13 +87,17 @@ def test_no_trial_lost_or_repeated_after_sigkill(killed_and_resumed_study):
     after = trial_results(study)
     assert set(before) <= set(after)
     assert len(after) == 6  # 2 arms x 3 configurations, none added by the resume
+    stopped = json.loads((study / "asha_state.json").read_text())["stopped"]
     for name, rows in after.items():
         epochs = [r["epoch"] for r in rows]
-        assert epochs == sorted(set(epochs)), f"{name} repeated epochs {epochs}: restarted instead of resumed"
-        done_before = [r["epoch"] for r in before.get(name, [])]
-        assert epochs[:len(done_before)] == done_before
-        if done_before and done_before[-1] >= 3:  # finished before the kill: untouched
-            assert rows == before[name]
+        assert epochs == list(range(1, len(epochs) + 1)), f"{name}: epochs {epochs}"
+        done_before = before.get(name, [])
+        assert summary(rows[:len(done_before)]) == summary(done_before)  # nothing done was changed
+        new = rows[len(done_before):]
+        if done_before and (done_before[-1]["epoch"] >= 3 or name in stopped):
+            assert not new, f"{name} finished or stopped before the kill but ran again"
+        elif done_before and new:  # part-way at the kill: continued from its checkpoint, not from epoch 0
+            assert all(r["started_at_epoch"] >= 1 for r in new), f"{name} restarted from scratch"
     trials = pd.read_csv(study / "trials.csv")
     assert not trials.duplicated(["trial_id", "epoch"]).any()
 

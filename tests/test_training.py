@@ -67,6 +67,22 @@ def test_ddp_two_workers_report_every_epoch_and_checkpoint_reproduces_val_auroc(
                                                           "val_probabilities.npy"]
 
 
+def test_training_throughput_reaches_prometheus(prepared, local_ray):
+    """The gauge rank 0 set during the DDP run above is scraped from the metrics-export port (what the
+    dashboard's Grafana panels and any Prometheus server read)."""
+    import requests
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "cxr_ray_train_images_per_second" in text:
+            break
+        time.sleep(2)
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_cxr_ray_train_images_per_second{")]
+    assert lines, "gauge not exported"
+    assert any('trial="ddp"' in ln and float(ln.rsplit(" ", 1)[1]) > 0 for ln in lines), lines
+
+
 def torch_device():
     import torch
     return torch.device("cpu")
