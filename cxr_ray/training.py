@@ -344,6 +344,12 @@ def train_loop(config: dict) -> None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch = state["epoch"]
+            if start_epoch >= cfg.epochs:
+                # Finished, but whoever waited for it (a Tune trial) died before hearing so: say it again.
+                last = json.loads(Path(d, "meta.json").read_text())["metrics"]
+                again = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+                ray.train.report(last | {"started_at_epoch": start_epoch}, checkpoint=again)
+                return
 
     y_train = labels[train_rows]
     n_pos, n_neg = int(y_train.sum()), int(len(y_train) - y_train.sum())
