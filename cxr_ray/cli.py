@@ -6,6 +6,10 @@ import json
 import os
 import sys
 
+# Ray reads this when it is imported: the per-epoch lines of concurrent trials look alike and must
+# not be folded into "[repeated Nx across cluster]".
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
 from .spec import yaml_load
 from .training import ConfigError
 

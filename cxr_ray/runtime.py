@@ -25,7 +25,6 @@ def free_port() -> int:
 
 def connect(num_cpus: int | None = None, num_gpus: int | None = None, quiet: bool = False) -> str:
     """Start or join Ray; returns the dashboard URL. ``RAY_ADDRESS`` selects a cluster."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-epoch lines of concurrent trials look alike
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ctx = ray.init(log_to_driver=True)
