@@ -137,6 +137,11 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
     return {"summary": summary, "comparison": comparison, "best": best, "verdict": verdict}
 
 
+def p_text(p: float, spec: Spec) -> str:
+    """A bootstrap p-value of 0 only says p < 1/B."""
+    return f"p < {1 / spec.final['bootstrap']:.2g}" if p == 0 else f"p = {p:.2g}"
+
+
 def verdict_text(spec: Spec, summary: pd.DataFrame, comparison: pd.DataFrame) -> str:
     top = summary.iloc[0]
     n = int(top["seeds"])
@@ -151,12 +156,13 @@ def verdict_text(spec: Spec, summary: pd.DataFrame, comparison: pd.DataFrame) ->
             text += (" Statistically indistinguishable from it (paired patient bootstrap on AUROC, Holm-adjusted, "
                      f"alpha {ALPHA}): " + "; ".join(
                          f"{r.arm} (AUROC difference {r.delta_auroc:+.3f}, 95% CI {r.delta_ci_low:+.3f} to "
-                         f"{r.delta_ci_high:+.3f}, p={r.p_holm:.3g})" for r in same.itertuples()) + ".")
+                         f"{r.delta_ci_high:+.3f}, {p_text(r.p_holm, spec)})" for r in same.itertuples()) + ".")
         else:
             text += " Every other arm is significantly worse."
         if len(worse) and len(same):
             text += " Significantly worse: " + "; ".join(
-                f"{r.arm} (AUROC difference {r.delta_auroc:+.3f}, p={r.p_holm:.3g})" for r in worse.itertuples()) + "."
+                f"{r.arm} (AUROC difference {r.delta_auroc:+.3f}, {p_text(r.p_holm, spec)})"
+                for r in worse.itertuples()) + "."
         if len(same):
             text += " On this data the comparison cannot separate those arms; no significant difference is the answer."
     else:

@@ -273,7 +273,7 @@ def verdict(s: Study) -> list[Block]:
 
 def difference(s: Study, r) -> str:
     """One comparison.csv row in words: 'resnet18 (AUROC 0.027 lower, 95% CI ..., p = 0.03)'."""
-    p = f"p < {1 / s.spec.final['bootstrap']:.2g}" if r.p_holm == 0 else f"p = {r.p_holm:.2g}"
+    p = evaluation.p_text(r.p_holm, s.spec)
     return (f"{r.arm} (AUROC {abs(r.delta_auroc):.3f} {'lower' if r.delta_auroc <= 0 else 'higher'}, 95% CI "
             f"{r.delta_ci_low:+.3f} to {r.delta_ci_high:+.3f}, {p})")
 
