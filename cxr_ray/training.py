@@ -345,10 +345,10 @@ def train_loop(config: dict) -> None:
             scheduler.load_state_dict(state["scheduler"])
             start_epoch = state["epoch"]
             if start_epoch >= cfg.epochs:
-                # Finished, but whoever waited for it (a Tune trial) died before hearing so: say it again.
+                # Finished, but whoever waited for it (a Tune trial) died before hearing so: say it again,
+                # without a new checkpoint (the reported one is kept; nothing done is changed).
                 last = json.loads(Path(d, "meta.json").read_text())["metrics"]
-                again = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
-                ray.train.report(last | {"started_at_epoch": start_epoch}, checkpoint=again)
+                ray.train.report(last | {"started_at_epoch": start_epoch})
                 return
 
     y_train = labels[train_rows]
@@ -432,6 +432,9 @@ class EpochLog(ray.train.UserCallback):
 
         from . import storage
         m = metrics[0]
+        if m.get("started_at_epoch", 0) >= m["epoch"]:  # a finished run's last epoch, reported again
+            print(f"{self.prefix}epoch {m['epoch']:>3}  already trained (run finished before)", flush=True)
+            return
         print(f"{self.prefix}epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
               f"val_auroc {m['val_auroc']:.4f}  val_acc@youden {m['val_accuracy_youden']:.4f}  "
               f"{m['images_per_s']:.0f} img/s  data_wait {100 * m['data_wait_fraction']:.1f}%", flush=True)
