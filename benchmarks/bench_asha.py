@@ -17,7 +17,7 @@ import time
 
 import ray
 
-from cxr_ray import runtime, spec as specs, study
+from cxr_ray import runtime, spec as specs, storage, study
 
 # One arm, 9 configurations, 9 epochs, reduction factor 3: rungs at epochs 1 and 3. Epochs are
 # long enough (resnet10t, 48 px, ~1000 training images) that training, not Ray's per-trial
@@ -37,15 +37,14 @@ DEFAULT = {
 def search(spec: specs.Spec, root: str, data_ref, prepared) -> dict:
     sdir = os.path.join(root, spec.name)
     os.makedirs(sdir)
-    study.write_csv(os.path.join(sdir, "split.csv"), prepared.split)
+    storage.write_csv(os.path.join(sdir, "split.csv"), prepared.split)
     configs = specs.sample_configs(spec)
     plans = study.search_plans(spec, configs)
     start = time.perf_counter()
     results = study.phase_tuner(spec, sdir, study.SEARCH, plans, data_ref).fit()
     wall = time.perf_counter() - start
     trials = study.collect_trials(results, sdir, study.SEARCH, plans)
-    summary = study.trial_summary(trials, spec, study.read_json(os.path.join(sdir, "asha_state.json"))["stopped"]
-                                  if os.path.exists(os.path.join(sdir, "asha_state.json")) else {})
+    summary = study.trial_summary(trials, spec, study.asha_stops(sdir))
     return {"wall": wall, "epochs": int(summary["epochs"].sum()), "trials": len(summary),
             "stopped": int(summary["outcome"].str.startswith("stopped").sum()),
             "best": float(trials["val_auroc"].max()),

@@ -12,7 +12,6 @@ resample). Against the best arm (highest mean test AUROC) every other arm gets:
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pandas as pd
@@ -55,7 +54,7 @@ def load_final_predictions(sdir: str, final_trials: pd.DataFrame) -> dict[tuple[
         uri = storage.join(ckpt, "test_probabilities.npy")
         if not last["checkpoint"] or not storage.exists(uri):
             continue  # unfinished run: reported as missing
-        meta = json.loads(storage.read_text(storage.join(ckpt, "meta.json")))
+        meta = storage.read_json(storage.join(ckpt, "meta.json"))
         out[(arm, int(seed))] = {"probs": np.load(io.BytesIO(storage.read_bytes(uri))),
                                  "threshold": float(meta["threshold"]), "checkpoint": last["checkpoint"],
                                  "val_auroc": float(last["val_auroc"])}
@@ -128,12 +127,11 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
                                 for m in METRICS}}
     verdict = verdict_text(spec, summary, comparison)
 
-    from .study import write_csv, write_json
-    write_csv(storage.join(sdir, "predictions.csv"), pd.concat(pred_rows, ignore_index=True))
-    write_csv(storage.join(sdir, "final.csv"), per_run)
-    write_csv(storage.join(sdir, "summary.csv"), summary)
-    write_csv(storage.join(sdir, "comparison.csv"), comparison)
-    write_json(storage.join(sdir, "best.json"), best | {"verdict": verdict})
+    storage.write_csv(storage.join(sdir, "predictions.csv"), pd.concat(pred_rows, ignore_index=True))
+    storage.write_csv(storage.join(sdir, "final.csv"), per_run)
+    storage.write_csv(storage.join(sdir, "summary.csv"), summary)
+    storage.write_csv(storage.join(sdir, "comparison.csv"), comparison)
+    storage.write_json(storage.join(sdir, "best.json"), best | {"verdict": verdict})
     return {"summary": summary, "comparison": comparison, "best": best, "verdict": verdict}
 
 

@@ -51,7 +51,7 @@ class PerArmASHA(FIFOScheduler):
 
     def _load(self) -> None:
         if self.state_path and storage.exists(self.state_path):
-            state = json.loads(storage.read_text(self.state_path))
+            state = storage.read_json(self.state_path)
             self.rungs, self.stopped = state["rungs"], state["stopped"]
 
     def set_search_properties(self, metric, mode, **spec) -> bool:

@@ -60,17 +60,16 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
     best_uri = storage.join(sdir, "best.json")
     if not storage.exists(best_uri):
         raise FileNotFoundError(f"{sdir}: no best.json; is the study finished? (cxr-ray study status {sdir})")
-    best = json.loads(storage.read_text(best_uri))
+    best = storage.read_json(best_uri)
     metrics = best["test_metrics"]
     relative, seed, arm = best["checkpoint"], best["seed"], arm or best["arm"]
     if arm != best["arm"]:
-        import pandas as pd
-        final = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(sdir, "final.csv"))))
+        final = storage.read_csv(storage.join(sdir, "final.csv"))
         runs = final[final["arm"] == arm].sort_values("val_auroc", ascending=False, kind="stable")
         if not len(runs):
             raise FileNotFoundError(f"{sdir}: no final run of arm {arm!r} (arms: {', '.join(sorted(set(final.arm)))})")
         relative, seed = runs.iloc[0]["checkpoint"], int(runs.iloc[0]["seed"])
-        summary = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(sdir, "summary.csv")))).set_index("arm")
+        summary = storage.read_csv(storage.join(sdir, "summary.csv")).set_index("arm")
         metrics = {m: float(summary.loc[arm, m]) for m in ("auroc", "accuracy", "sensitivity", "specificity", "f1",
                                                             "ece")}
     local = storage.local_dir(storage.join(sdir, relative))

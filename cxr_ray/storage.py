@@ -5,11 +5,14 @@ layout is identical on every backend and report/serve can read a study from any 
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.fs as pafs
 
 
@@ -66,6 +69,22 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode())
+
+
+def read_csv(uri: str, **kwargs) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(read_bytes(uri)), **kwargs)
+
+
+def write_csv(uri: str, df: pd.DataFrame) -> None:
+    write_text(uri, df.to_csv(index=False))
+
+
+def read_json(uri: str):
+    return json.loads(read_text(uri))
+
+
+def write_json(uri: str, obj) -> None:
+    write_text(uri, json.dumps(obj, indent=1, default=str))
 
 
 def listdir(uri: str) -> list[str]:

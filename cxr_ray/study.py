@@ -13,7 +13,6 @@ trials and continues unfinished ones from their last Ray Train checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -33,24 +32,6 @@ SEARCH, FINAL = "search", "final"
 
 class StudyError(RuntimeError):
     pass
-
-
-# ----------------------------------------------------------------------------- small io helpers
-
-def write_csv(uri: str, df: pd.DataFrame) -> None:
-    storage.write_text(uri, df.to_csv(index=False))
-
-
-def read_csv(uri: str, **kwargs) -> pd.DataFrame:
-    return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), **kwargs)
-
-
-def write_json(uri: str, obj) -> None:
-    storage.write_text(uri, json.dumps(obj, indent=1, default=str))
-
-
-def read_json(uri: str):
-    return json.loads(storage.read_text(uri))
 
 
 # ----------------------------------------------------------------------------- trials
@@ -169,7 +150,7 @@ def collect_trials(result_grid, sdir: str, phase: str, plans: dict) -> pd.DataFr
         if not storage.exists(history_uri):
             rows.append(identity)
             continue
-        history = read_csv(history_uri)
+        history = storage.read_csv(history_uri)
         history["checkpoint"] = [_relative(c, sdir) if isinstance(c, str) else "" for c in history["checkpoint"]]
         tune_df = result.metrics_dataframe
         if tune_df is not None and {"epoch", "time_total_s"} <= set(tune_df.columns):
@@ -274,8 +255,8 @@ def prepare_data(spec: specs.Spec, sdir: str, progress: bool = True) -> data.Pre
         if len(set(labels)) < 2:
             raise data.DataError(f"the {name} split has {len(labels)} images of a single class; use more data "
                                  f"or a larger data.{name}_fraction")
-    write_csv(storage.join(sdir, "split.csv"), prepared.split)
-    write_json(storage.join(sdir, "data_report.json"), prepared.report)
+    storage.write_csv(storage.join(sdir, "split.csv"), prepared.split)
+    storage.write_json(storage.join(sdir, "data_report.json"), prepared.report)
     return prepared
 
 
@@ -336,7 +317,7 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
     data_ref = runtime.put_data(prepared)
 
     configs = specs.sample_configs(spec)
-    write_csv(storage.join(sdir, "configs.csv"), pd.DataFrame(configs).rename_axis("config_id").reset_index())
+    storage.write_csv(storage.join(sdir, "configs.csv"), pd.DataFrame(configs).rename_axis("config_id").reset_index())
 
     # Phase 2: search.
     plans = search_plans(spec, configs)
@@ -344,26 +325,26 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
           f"up to {spec.budget['max_epochs']} epochs each", flush=True)
     results = phase_tuner(spec, sdir, SEARCH, plans, data_ref).fit()
     trials = collect_trials(results, sdir, SEARCH, plans)
-    stops = _asha_stops(sdir)
+    stops = asha_stops(sdir)
     summary = trial_summary(trials, spec, stops)
     budget = budget_table(summary, spec)
-    write_csv(storage.join(sdir, "trials.csv"), trials)
-    write_csv(storage.join(sdir, "trial_summary.csv"), summary)
-    write_csv(storage.join(sdir, "budget.csv"), budget)
+    storage.write_csv(storage.join(sdir, "trials.csv"), trials)
+    storage.write_csv(storage.join(sdir, "trial_summary.csv"), summary)
+    storage.write_csv(storage.join(sdir, "budget.csv"), budget)
     print("\nbudget consumed per arm:\n" + budget.to_string(index=False), flush=True)
     best = best_configs(summary, spec, configs)
-    write_json(storage.join(sdir, "best_configs.json"), best)
+    storage.write_json(storage.join(sdir, "best_configs.json"), best)
 
     # Phase 3: final multi-seed training on the best configuration of each arm.
     fplans = final_plans(spec, best)
     print(f"\nfinal: {len(spec.arm_names)} arms x {len(spec.final['seeds'])} seeds = {len(fplans)} runs", flush=True)
     final_results = phase_tuner(spec, sdir, FINAL, fplans, data_ref).fit()
     final_trials = collect_trials(final_results, sdir, FINAL, fplans)
-    write_csv(storage.join(sdir, "final_trials.csv"), final_trials)
+    storage.write_csv(storage.join(sdir, "final_trials.csv"), final_trials)
 
     # Phase 4: evaluation on the held-out test split.
     outcome = evaluation.evaluate(spec, sdir, prepared, final_trials)
-    write_json(storage.join(sdir, "study.json"), {
+    storage.write_json(storage.join(sdir, "study.json"), {
         "name": spec.name, "spec_hash": spec.hash, "finished": True, "driver_wall_s": time.time() - start,
         "command": " ".join(sys.argv), "ray_resources": ray.cluster_resources(),
     })
@@ -375,9 +356,9 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
     return sdir
 
 
-def _asha_stops(sdir: str) -> dict:
+def asha_stops(sdir: str) -> dict:
     uri = storage.join(sdir, "asha_state.json")
-    return read_json(uri)["stopped"] if storage.exists(uri) else {}
+    return storage.read_json(uri)["stopped"] if storage.exists(uri) else {}
 
 
 # ----------------------------------------------------------------------------- status
@@ -389,7 +370,7 @@ def status(sdir: str) -> str:
         raise StudyError(f"{sdir}: not a study directory (no spec.yaml)")
     spec = specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
     lines = [f"study {spec.name} ({spec.hash}) at {sdir}"]
-    stops = _asha_stops(sdir)
+    stops = asha_stops(sdir)
     for phase in (SEARCH, FINAL):
         state = _experiment_state(storage.join(sdir, phase), spec)
         if state is None:
@@ -409,7 +390,7 @@ def status(sdir: str) -> str:
                          + (f"  best {metric} {best[metric]:.4f} (config {best['config_id']}, epoch {best['epoch']})"
                             if best else ""))
     if storage.exists(storage.join(sdir, "summary.csv")):
-        lines.append("final evaluation:\n" + read_csv(storage.join(sdir, "summary.csv")).to_string(index=False))
+        lines.append("final evaluation:\n" + storage.read_csv(storage.join(sdir, "summary.csv")).to_string(index=False))
     return "\n".join(lines)
 
 
@@ -423,7 +404,7 @@ def _experiment_state(path: str, spec: specs.Spec) -> list[dict] | None:
         params = storage.join(trial_dir, "params.json")
         if not storage.exists(params):
             continue
-        t = read_json(params)
+        t = storage.read_json(params)
         last = {}
         result_uri = storage.join(trial_dir, "result.json")
         if storage.exists(result_uri):

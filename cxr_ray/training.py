@@ -426,8 +426,6 @@ class EpochLog(ray.train.UserCallback):
         self.csv_uri, self.prefix = csv_uri, prefix
 
     def after_report(self, run_context, metrics, checkpoint):
-        import io
-
         import pandas as pd
 
         from . import storage
@@ -442,9 +440,9 @@ class EpochLog(ray.train.UserCallback):
             return
         row = pd.DataFrame([{**m, "checkpoint": checkpoint.path if checkpoint else ""}])
         if storage.exists(self.csv_uri):
-            history = pd.read_csv(io.BytesIO(storage.read_bytes(self.csv_uri)))
+            history = storage.read_csv(self.csv_uri)
             row = pd.concat([history[history["epoch"] < m["epoch"]], row], ignore_index=True)
-        storage.write_text(self.csv_uri, row.to_csv(index=False))
+        storage.write_csv(self.csv_uri, row)
 
 
 def fit(cfg: TrainConfig, data_ref, *, name: str, storage_path: str, workers: int = 1, use_gpu: bool = False,

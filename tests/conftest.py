@@ -255,7 +255,7 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
     import pandas as pd
     from ray.tune.schedulers import TrialScheduler
 
-    from cxr_ray import evaluation, spec as specs, study
+    from cxr_ray import evaluation, spec as specs, storage, study
     from cxr_ray.scheduler import PerArmASHA
 
     root.mkdir(parents=True, exist_ok=True)
@@ -269,8 +269,8 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
                           for p in range(100) for k in range(2)])
     parts = np.where(index.index < 100, "train", np.where(index.index < 140, "val", "test"))
     split = index.assign(sha1=[f"{i:040x}" for i in range(len(index))], split=parts, reason="")
-    study.write_csv(f"{sdir}/split.csv", split)
-    study.write_json(f"{sdir}/data_report.json", {
+    storage.write_csv(f"{sdir}/split.csv", split)
+    storage.write_json(f"{sdir}/data_report.json", {
         "source": "synthetic", "path": "synthetic:0:200",
         "notes": ["SYNTHETIC demo images drawn by cxr_ray.synthetic: not medical data"],
         "images": len(index), "patients": 100,
@@ -278,7 +278,7 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
                          "pneumonia_fraction": round(float(index[parts == name].label.mean()), 4)}
                   for name in ("test", "train", "val")}})
     configs = specs.sample_configs(spec)
-    study.write_csv(f"{sdir}/configs.csv", pd.DataFrame(configs).rename_axis("config_id").reset_index())
+    storage.write_csv(f"{sdir}/configs.csv", pd.DataFrame(configs).rename_axis("config_id").reset_index())
 
     def epoch_row(phase, tid, arm, cid, seed, params, epoch, value, start):
         t = 2.0 + 0.1 * epoch
@@ -308,10 +308,10 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
     trials = pd.DataFrame(rows)
     summary = study.trial_summary(trials, spec, asha.stopped)
     best = study.best_configs(summary, spec, configs)
-    study.write_csv(f"{sdir}/trials.csv", trials)
-    study.write_csv(f"{sdir}/trial_summary.csv", summary)
-    study.write_csv(f"{sdir}/budget.csv", study.budget_table(summary, spec))
-    study.write_json(f"{sdir}/best_configs.json", best)
+    storage.write_csv(f"{sdir}/trials.csv", trials)
+    storage.write_csv(f"{sdir}/trial_summary.csv", summary)
+    storage.write_csv(f"{sdir}/budget.csv", study.budget_table(summary, spec))
+    storage.write_json(f"{sdir}/best_configs.json", best)
 
     # final: each arm's best configuration x every seed; the real evaluation scores their test probabilities
     test_rows = np.flatnonzero(parts == "test")
@@ -333,10 +333,10 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
             (ckpt / "meta.json").write_text(json.dumps({"backbone": spec.arm(arm)["backbone"],
                                                        "threshold": 0.5 + 0.02 * (seed - 1)}))
     final_trials = pd.DataFrame(rows)
-    study.write_csv(f"{sdir}/final_trials.csv", final_trials)
+    storage.write_csv(f"{sdir}/final_trials.csv", final_trials)
     prepared = SimpleNamespace(rows={"test": test_rows}, cache=SimpleNamespace(index=index))
     evaluation.evaluate(spec, sdir, prepared, final_trials)
-    study.write_json(f"{sdir}/study.json", {
+    storage.write_json(f"{sdir}/study.json", {
         "name": spec.name, "spec_hash": spec.hash, "finished": True, "driver_wall_s": 321.5,
         "command": f"cxr-ray study run studies/fake.yaml --out {sdir}",
         "ray_resources": {"CPU": 2.0, "memory": 8.0 * 2**30, "object_store_memory": 2.0 * 2**30,
