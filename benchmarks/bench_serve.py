@@ -117,10 +117,10 @@ def make_study(root: Path, backbone: str, size: int) -> Path:
     import pandas as pd
     import torch
 
-    from cxr_ray import models, training
+    from cxr_ray import config, models, training
 
     torch.manual_seed(0)
-    cfg = training.TrainConfig(backbone=backbone, image_size=size, study="bench-serve", arm=backbone,
+    cfg = config.TrainConfig(backbone=backbone, image_size=size, study="bench-serve", arm=backbone,
                                spec_hash="bench")
     model = models.build_model(cfg.backbone, image_size=size)  # pretrained=False: no download
     model.eval()
@@ -128,7 +128,7 @@ def make_study(root: Path, backbone: str, size: int) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     relative = "runs/t0/checkpoint_0"
     (root / relative).mkdir(parents=True)
-    training.save_checkpoint(root / relative, model, opt, sched, 1, cfg, models.normalization(backbone),
+    models.save_checkpoint(root / relative, model, opt, sched, 1, cfg, models.normalization(backbone),
                              {"threshold": 0.5, "val_auroc": 0.5})
     metrics = {m: 0.5 for m in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "ece")}
     (root / "best.json").write_text(json.dumps({"arm": backbone, "seed": 0, "checkpoint": relative,

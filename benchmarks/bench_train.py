@@ -116,7 +116,7 @@ def main() -> int:
     import ray
     import ray.train
 
-    from cxr_ray import data, runtime, training
+    from cxr_ray import config, data, runtime, training
 
     class JsonlLog(ray.train.UserCallback):
         """Runs in the Train controller: appends rank 0's report of each epoch to ``path``."""
@@ -130,7 +130,7 @@ def main() -> int:
             with open(self.path, "a") as f:
                 f.write(json.dumps({k: m[k] for k in keep}) + "\n")
 
-    cfg = training.TrainConfig(backbone=args.backbone, image_size=args.size, epochs=args.epochs,
+    cfg = config.TrainConfig(backbone=args.backbone, image_size=args.size, epochs=args.epochs,
                                batch_size=args.batch, threads=args.threads, augment=args.augment)
     cfg.validate("bench_train")
     print(f"bench_train: {args.backbone} at {args.size}px, batch {args.batch}, {args.threads} thread(s), "

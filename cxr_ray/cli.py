@@ -11,7 +11,7 @@ import sys
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 from .spec import yaml_load
-from .training import ConfigError
+from .config import ConfigError, TrainConfig
 
 from . import data
 
@@ -46,7 +46,7 @@ def cmd_data_check(args) -> None:
 def cmd_train(args) -> None:
     from . import runtime, storage, training
     values = {"backbone": args.backbone, "image_size": args.size, "epochs": args.epochs, **_parse_set(args.set)}
-    cfg = training.TrainConfig.from_dict(values, where="--set")
+    cfg = TrainConfig.from_dict(values, where="--set")
     out = storage.normalize(args.out)
     os.makedirs(out, exist_ok=True)
     prepared = data.prepare(args.source, args.data, args.size, out, seed=args.seed, cache_root=args.cache,

@@ -6,15 +6,21 @@ The model outputs one logit per image: P(pneumonia) = sigmoid(logit).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 import os
 import socket
+from pathlib import Path
 
+import numpy as np
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-HEADS = ("linear", "seed")
+from .config import HEADS, TrainConfig
+from .data import CLASSES
 
 
 class ModelError(ValueError):
@@ -24,7 +30,7 @@ class ModelError(ValueError):
 class Classifier(nn.Module):
     """Backbone (pooled features) -> head -> one logit.
 
-    ``seed`` is the head of the original Keras experiments: Dense(hidden, ReLU) ->
+    ``keras16`` is the head of the original Keras experiments: Dense(hidden=16, ReLU) ->
     Dropout -> Dense(1). While ``frozen_backbone`` is set, the backbone runs without
     gradients in eval mode (the linear-probe phase).
     """
@@ -35,7 +41,7 @@ class Classifier(nn.Module):
         features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
         if head == "linear":
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, 1))
-        elif head == "seed":
+        elif head == "keras16":
             self.head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
         else:
             raise ModelError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
@@ -135,3 +141,52 @@ def normalization(backbone: str) -> tuple[float, float]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- input and inference
+
+def normalize(x_uint8: torch.Tensor, norm: tuple[float, float]) -> torch.Tensor:
+    """Cached uint8 pixels -> the model's input: scaled to 0..1, then (x - mean) / std."""
+    return (x_uint8.float() / 255.0 - norm[0]) / norm[1]
+
+
+def predict(model: nn.Module, images: np.ndarray, rows: np.ndarray, norm: tuple[float, float],
+            device: torch.device, batch: int = 256, amp: bool = False) -> np.ndarray:
+    """P(pneumonia) for cache ``rows``, in order."""
+    out = []
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        for i in range(0, len(rows), batch):
+            x = torch.from_numpy(images[np.asarray(rows[i:i + batch])]).unsqueeze(1).to(device)
+            out.append(torch.sigmoid(model(normalize(x, norm)).float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, epoch: int, cfg: TrainConfig,
+                    norm: tuple[float, float], report: dict) -> None:
+    """Weights (safetensors), optimiser/scheduler state (weights_only-safe) and metadata (JSON)."""
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
+               directory / "train_state.pt")
+    meta = {
+        "backbone": cfg.backbone, "head": cfg.head, "hidden": cfg.hidden, "dropout": cfg.dropout,
+        "image_size": cfg.image_size, "mean": norm[0], "std": norm[1], "channels": 1,
+        "geometry": "resize short side, centre crop", "threshold": report["threshold"],
+        "class_names": list(CLASSES), "epoch": epoch, "metrics": report,
+        "config": dataclasses.asdict(cfg), "study": cfg.study, "arm": cfg.arm, "spec_hash": cfg.spec_hash,
+    }
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def load_checkpoint(checkpoint_dir: str | Path) -> tuple[Classifier, dict]:
+    """A checkpoint's model (eval mode) and metadata, loaded without pickle."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = json.loads((checkpoint_dir / "meta.json").read_text())
+    model = build_model(meta["backbone"], head=meta["head"], hidden=meta["hidden"], dropout=meta["dropout"],
+                        pretrained=False, image_size=meta["image_size"])
+    model.load_state_dict(load_file(str(checkpoint_dir / "model.safetensors")))
+    return model.eval(), meta

@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.formparsers import MultiPartParser
 
-from . import imaging, storage, training
+from . import imaging, models, storage
 from .data import CLASSES
 
 RAW_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/dicom"}
@@ -95,7 +95,7 @@ class Predictor:
     """Model + preprocessing, plain Python: testable without Serve, shared by the bare baseline."""
 
     def __init__(self, choice: ModelChoice):
-        self.model, self.meta = training.load_model(choice.checkpoint)
+        self.model, self.meta = models.load_checkpoint(choice.checkpoint)
         self.identity = choice.identity | {"backbone": self.meta["backbone"], "image_size": self.meta["image_size"],
                                            "epoch": self.meta["epoch"]}
         self.test_metrics = choice.test_metrics
@@ -124,7 +124,7 @@ class Predictor:
     def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
         x = torch.from_numpy(np.stack(arrays)).unsqueeze(1).to(self.device)
         with torch.no_grad():
-            return torch.sigmoid(self.model(training.normalize(x, self.norm))).cpu().numpy()
+            return torch.sigmoid(self.model(models.normalize(x, self.norm))).cpu().numpy()
 
     def result(self, probability: float) -> dict:
         label = int(probability >= self.threshold)
@@ -133,7 +133,7 @@ class Predictor:
 
     def explain(self, array: np.ndarray) -> tuple[bytes, float]:
         """Grad-CAM of the last feature maps, as a PNG overlay on the model's input image."""
-        x = training.normalize(torch.tensor(array)[None, None].to(self.device), self.norm)
+        x = models.normalize(torch.tensor(array)[None, None].to(self.device), self.norm)
         maps = self.model.features(x)
         if maps.ndim != 4:
             raise RequestError(422, f"Grad-CAM needs spatial feature maps; {self.meta['backbone']} gives tokens")

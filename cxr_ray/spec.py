@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from .data import SOURCES
-from .training import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig
 
 # The schema: section -> key -> (type(s), default). None as default means required.
 SCHEMA: dict[str, dict[str, tuple]] = {

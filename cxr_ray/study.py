@@ -25,6 +25,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from . import data, evaluation, runtime, spec as specs, storage, training
+from .config import TrainConfig
 from .scheduler import PerArmASHA, rung_milestones
 
 SEARCH, FINAL = "search", "final"
@@ -38,7 +39,7 @@ class StudyError(RuntimeError):
 
 def run_trial(config: dict, data_ref: list, plans: dict, settings: dict) -> None:
     """Tune function trainable: one Ray Train run whose per-epoch reports reach Tune (and ASHA)."""
-    cfg = training.TrainConfig.from_dict(plans[_plan_key(config)]["train"])
+    cfg = TrainConfig.from_dict(plans[_plan_key(config)]["train"])
     training.fit(cfg, data_ref[0], name=tune.get_context().get_trial_id(), storage_path=settings["runs"],
                  workers=settings["workers"], use_gpu=settings["gpus"] > 0, cpus_per_worker=settings["cpus"],
                  gpus_per_worker=settings["gpus"], max_failures=settings["max_failures"],

@@ -17,7 +17,6 @@ import queue
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,80 +26,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import metrics, models
-from .data import CLASSES
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
-IMBALANCE = ("weighted_loss", "sampler", "none")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-@dataclass
-class TrainConfig:
-    """One training configuration. Field names are the keys of ``--set`` and search spaces."""
-
-    backbone: str = "resnet18"
-    head: str = "linear"
-    hidden: int = 16
-    dropout: float = 0.5
-    pretrained: bool | str = False
-    image_size: int = 64
-    epochs: int = 5
-    batch_size: int = 64  # global: split evenly over workers, so results do not depend on worker count
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    momentum: float = 0.9  # SGD only
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    freeze_epochs: int = 0  # linear-probe epochs with the backbone frozen, then full fine-tuning
-    grad_clip: float = 1.0  # max gradient norm; 0 disables
-    imbalance: str = "weighted_loss"
-    augment: bool = True
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads per worker; 0 = the worker's CPU allotment
-    evaluate_test: bool = False  # score the test split after the last epoch (final evaluation runs)
-    # identity, copied into checkpoint metadata
-    study: str = ""
-    arm: str = ""
-    spec_hash: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        cfg = cls(**values)
-        cfg.validate(where)
-        return cfg
-
-    def validate(self, where: str = "config") -> None:
-        def check(ok, key, msg):
-            if not ok:
-                raise ConfigError(f"{where}: {key} {msg} (got {getattr(self, key)!r})")
-
-        check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        check(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
-        check(self.imbalance in IMBALANCE, "imbalance", f"must be one of {', '.join(IMBALANCE)}")
-        check(self.head in models.HEADS, "head", f"must be one of {', '.join(models.HEADS)}")
-        check(self.epochs >= 1, "epochs", "must be >= 1")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check(self.lr > 0, "lr", "must be > 0")
-        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
-        check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
-              "must be < epochs")
-        check(0 <= self.freeze_epochs < self.epochs or self.freeze_epochs == 0, "freeze_epochs", "must be < epochs")
-        check(self.hidden >= 1, "hidden", "must be >= 1")
-
+from .config import ConfigError, TrainConfig
 
 # ----------------------------------------------------------------------------- batches
 
@@ -186,26 +115,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 # ----------------------------------------------------------------------------- evaluation
 
-def predict(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, norm: tuple[float, float],
-            device: torch.device, batch: int = 256, amp: bool = False) -> np.ndarray:
-    """P(pneumonia) for cache ``rows``, in order."""
-    out = []
-    model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        for i in range(0, len(rows), batch):
-            x = torch.from_numpy(images[np.asarray(rows[i:i + batch])]).unsqueeze(1).to(device)
-            out.append(torch.sigmoid(model(normalize(x, norm)).float()).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def normalize(x_uint8: torch.Tensor, norm: tuple[float, float]) -> torch.Tensor:
-    return (x_uint8.float() / 255.0 - norm[0]) / norm[1]
-
-
 def predict_distributed(model, images, rows, norm, device, rank, world, amp) -> np.ndarray:
     """Score all ``rows`` with each rank taking a slice, then gather: every rank gets all."""
     mine = np.arange(rank, len(rows), world)
-    probs = predict(model, images, rows[mine], norm, device, amp=amp)
+    probs = models.predict(model, images, rows[mine], norm, device, amp=amp)
     if world == 1:
         return probs
     parts: list = [None] * world
@@ -226,34 +139,6 @@ def epoch_metrics(y: np.ndarray, p: np.ndarray, prefix: str = "val") -> dict:
             out[f"{prefix}_{k}{tag}"] = c[k]
     out["threshold"] = threshold
     return out
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(directory: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig,
-                    norm: tuple[float, float], report: dict) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
-               directory / "train_state.pt")
-    meta = {
-        "backbone": cfg.backbone, "head": cfg.head, "hidden": cfg.hidden, "dropout": cfg.dropout,
-        "image_size": cfg.image_size, "mean": norm[0], "std": norm[1], "channels": 1,
-        "geometry": "resize short side, centre crop", "threshold": report["threshold"],
-        "class_names": list(CLASSES), "epoch": epoch, "metrics": report,
-        "config": dataclasses.asdict(cfg), "study": cfg.study, "arm": cfg.arm, "spec_hash": cfg.spec_hash,
-    }
-    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-
-
-def load_model(checkpoint_dir: str | Path) -> tuple[models.Classifier, dict]:
-    """A checkpoint's model (eval mode) and metadata, loaded without pickle."""
-    checkpoint_dir = Path(checkpoint_dir)
-    meta = json.loads((checkpoint_dir / "meta.json").read_text())
-    model = models.build_model(meta["backbone"], head=meta["head"], hidden=meta["hidden"],
-                               dropout=meta["dropout"], pretrained=False, image_size=meta["image_size"])
-    model.load_state_dict(load_file(str(checkpoint_dir / "model.safetensors")))
-    return model.eval(), meta
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -277,7 +162,7 @@ def train_epoch(net, model, optimizer, scheduler, images, labels, train_rows, cl
     for x, y in Prefetcher(images, labels, epoch_batches(train_rows, labels, cfg, epoch, rank, world), pin=cuda):
         wait += time.perf_counter() - t_ready
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x = normalize(x, norm)
+        x = models.normalize(x, norm)
         if cfg.augment:
             x = augment(x, gen)
         if cuda:
@@ -404,7 +289,7 @@ def train_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch + 1, cfg, norm, report)
+                models.save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch + 1, cfg, norm, report)
                 np.save(Path(tmp) / "val_probabilities.npy", p_val)
                 if p_test is not None:
                     np.save(Path(tmp) / "test_probabilities.npy", p_test)

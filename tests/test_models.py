@@ -28,7 +28,7 @@ def classifier_name(backbone: str) -> str:
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-@pytest.mark.parametrize("head", ["linear", "seed"])
+@pytest.mark.parametrize("head", ["linear", "keras16"])
 def test_output_shape_parameter_count_and_gray_input(backbone, head):
     torch.manual_seed(0)
     model = models.build_model(backbone, head=head, image_size=SIZE)
@@ -55,7 +55,7 @@ def test_output_shape_parameter_count_and_gray_input(backbone, head):
 
 
 def test_training_mode_forward_and_backward():
-    model = models.build_model("resnet18", head="seed", image_size=SIZE)
+    model = models.build_model("resnet18", head="keras16", image_size=SIZE)
     model.train()
     out = model(torch.randn(4, 1, SIZE, SIZE))
     out.sum().backward()
@@ -73,15 +73,15 @@ def test_frozen_backbone_gets_no_gradient():
     assert not model.backbone.training  # BatchNorm statistics stay put in the probe phase
 
 
-def test_seed_head_structure_default_and_custom():
-    model = models.build_model("resnet18", head="seed", image_size=SIZE)
+def test_keras16_head_structure_default_and_custom():
+    model = models.build_model("resnet18", head="keras16", image_size=SIZE)
     head = list(model.head)
     assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
     assert (head[0].in_features, head[0].out_features) == (512, 16)
     assert head[2].p == 0.5
     assert (head[3].in_features, head[3].out_features) == (16, 1)
 
-    custom = models.build_model("resnet18", head="seed", hidden=32, dropout=0.2, image_size=SIZE)
+    custom = models.build_model("resnet18", head="keras16", hidden=32, dropout=0.2, image_size=SIZE)
     head = list(custom.head)
     assert (head[0].out_features, head[3].in_features) == (32, 32)
     assert head[2].p == 0.2
@@ -171,7 +171,7 @@ def test_a_saved_classifier_is_not_mistaken_for_backbone_weights(tmp_path):
 
 
 def test_unknown_head_raises():
-    with pytest.raises(ModelError, match="mlp.*linear, seed"):
+    with pytest.raises(ModelError, match="mlp.*linear, keras16"):
         models.build_model("resnet18", head="mlp")
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from ray import serve
 
 from conftest import CLI, kill_session
-from cxr_ray import data, imaging, models, runtime, serving, synthetic, training
+from cxr_ray import config, data, imaging, models, runtime, serving, synthetic, training
 
 pytestmark = pytest.mark.e2e
 SIZE = 48
@@ -42,7 +42,7 @@ def study(tmp_path_factory) -> Path:
     files serving reads (best.json, final.csv, summary.csv), plus non-square test images."""
     root = tmp_path_factory.mktemp("served")
     torch.manual_seed(0)
-    cfg = training.TrainConfig(backbone="lcnet_050", image_size=SIZE, study="served", arm="lcnet_050",
+    cfg = config.TrainConfig(backbone="lcnet_050", image_size=SIZE, study="served", arm="lcnet_050",
                                spec_hash="abc123")
     model = models.build_model(cfg.backbone, image_size=SIZE)
     opt = training.make_optimizer(model, cfg)
@@ -51,7 +51,7 @@ def study(tmp_path_factory) -> Path:
     y = torch.tensor([float(it.label) for it in items])
     for _ in range(15):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            model(training.normalize(x, models.normalization(cfg.backbone))), y)
+            model(models.normalize(x, models.normalization(cfg.backbone))), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -60,12 +60,12 @@ def study(tmp_path_factory) -> Path:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
                 m.momentum = None
-        model(training.normalize(x, models.normalization(cfg.backbone)))
+        model(models.normalize(x, models.normalization(cfg.backbone)))
     model.eval()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     ckpt = root / "runs" / "t0" / "checkpoint_0"
     ckpt.mkdir(parents=True)
-    training.save_checkpoint(ckpt, model, opt, sched, 1, cfg, models.normalization(cfg.backbone),
+    models.save_checkpoint(ckpt, model, opt, sched, 1, cfg, models.normalization(cfg.backbone),
                              {"threshold": 0.5, "val_auroc": 0.9})
     relative = "runs/t0/checkpoint_0"
     metrics = {m: 0.9 for m in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "ece")}
@@ -100,10 +100,10 @@ def server(study):
 
 def offline_probability(study: Path, path: Path) -> float:
     """What the offline evaluation computes: the cache's decoded pixels through the checkpoint."""
-    model, meta = training.load_model(study / "runs/t0/checkpoint_0")
+    model, meta = models.load_checkpoint(study / "runs/t0/checkpoint_0")
     pixels = data._decode_file((str(path), meta["image_size"]))[0]  # the cache's own worker function
     assert pixels is not None
-    return float(training.predict(model, pixels[None], np.array([0]), (meta["mean"], meta["std"]),
+    return float(models.predict(model, pixels[None], np.array([0]), (meta["mean"], meta["std"]),
                                   torch.device("cpu"))[0])
 
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from conftest import CLI, kill_session
-from cxr_ray import data, metrics, runtime, training
+from cxr_ray import config, data, metrics, models, runtime, training
 
 pytestmark = pytest.mark.e2e
 SIZE = 32
@@ -34,8 +34,8 @@ def local_ray():
         ray.shutdown()
 
 
-def config(**kw) -> training.TrainConfig:
-    return training.TrainConfig(**({"backbone": "lcnet_050", "image_size": SIZE, "epochs": 2, "batch_size": 32,
+def train_config(**kw) -> config.TrainConfig:
+    return config.TrainConfig(**({"backbone": "lcnet_050", "image_size": SIZE, "epochs": 2, "batch_size": 32,
                                     "lr": 3e-3} | kw))
 
 
@@ -64,7 +64,7 @@ def test_ddp_two_workers_report_every_epoch_and_checkpoint_reproduces_val_auroc(
     scraper = threading.Thread(target=scrape_throughput_gauge, args=(scraped, done))
     scraper.start()
     try:
-        result = training.fit(config(), ref, name="ddp", storage_path=str(tmp_path), workers=2,
+        result = training.fit(train_config(), ref, name="ddp", storage_path=str(tmp_path), workers=2,
                               callbacks=[training.EpochLog(str(log))])
     finally:
         done.set()
@@ -78,9 +78,9 @@ def test_ddp_two_workers_report_every_epoch_and_checkpoint_reproduces_val_auroc(
         assert rows[key].notna().all(), key
     # The checkpoint loads into a fresh model and reproduces the reported validation AUROC on the
     # FULL validation split (each worker scored half of it; the report gathers both halves).
-    model, meta = training.load_model(result.checkpoint.path)
+    model, meta = models.load_checkpoint(result.checkpoint.path)
     val = prepared.rows["val"]
-    probs = training.predict(model, prepared.cache.images, val, (meta["mean"], meta["std"]), torch_device())
+    probs = models.predict(model, prepared.cache.images, val, (meta["mean"], meta["std"]), torch_device())
     y = prepared.cache.index["label"].to_numpy()[val]
     saved = np.load(os.path.join(result.checkpoint.path, "val_probabilities.npy"))
     np.testing.assert_allclose(probs, saved, atol=1e-5)  # float noise from other batch shapes only
@@ -92,7 +92,7 @@ def test_ddp_two_workers_report_every_epoch_and_checkpoint_reproduces_val_auroc(
     # Launching the finished run again trains nothing and reports its last epoch once more (what a
     # resumed study needs when its driver died after the run's last checkpoint).
     checkpoints = sorted(p.name for p in (tmp_path / "ddp").glob("checkpoint_*"))
-    again = training.fit(config(), ref, name="ddp", storage_path=str(tmp_path), workers=2,
+    again = training.fit(train_config(), ref, name="ddp", storage_path=str(tmp_path), workers=2,
                          callbacks=[training.EpochLog(str(log))])
     assert again.checkpoint.path == result.checkpoint.path and again.metrics["epoch"] == 2
     assert sorted(p.name for p in (tmp_path / "ddp").glob("checkpoint_*")) == checkpoints  # nothing new written
@@ -111,7 +111,7 @@ def test_crashed_worker_is_restarted_from_the_last_checkpoint(prepared, local_ra
     log = tmp_path / "metrics.csv"
     box = {}
     thread = threading.Thread(target=lambda: box.update(result=training.fit(
-        config(epochs=6, augment=False), ref, name="crash", storage_path=str(tmp_path), workers=1, max_failures=2,
+        train_config(epochs=6, augment=False), ref, name="crash", storage_path=str(tmp_path), workers=1, max_failures=2,
         callbacks=[training.EpochLog(str(log))])))
     thread.start()
     deadline = time.time() + 180
