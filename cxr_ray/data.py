@@ -197,12 +197,11 @@ def _decode_file(args: tuple[str, int]) -> tuple[np.ndarray | None, str, int, in
         return None, "", 0, 0, f"unreadable: {e}"
     sha1 = hashlib.sha1(data).hexdigest()
     try:
-        img = imaging.open_image(data, path)
-        w, h = img.size
-        gray = imaging.to_gray(img, size)
-        return imaging.square(gray, size), sha1, w, h, ""
+        got = imaging.to_pixels(data, size, path)  # the server's own function: one decoding policy
+        return got.pixels, sha1, got.width, got.height, ""
     except imaging.ImageError as e:
-        return None, sha1, 0, 0, str(e).removeprefix(f"{path}: ")
+        reason = str(e).removeprefix(f"{path}: ")
+        return None, sha1, 0, 0, f"{reason} ({e.detail})" if e.detail else reason
 
 
 def _render_synthetic(args: tuple[synthetic.SyntheticItem, int, int]):

@@ -81,16 +81,6 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
 
 # ----------------------------------------------------------------------------- the model logic
 
-def sniff(data: bytes) -> str | None:
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if imaging.is_dicom(data):
-        return "dicom"
-    return None
-
-
 class Predictor:
     """Model + preprocessing, plain Python: testable without Serve, shared by the bare baseline."""
 
@@ -105,21 +95,13 @@ class Predictor:
         self.model.to(self.device)
 
     def pixels(self, data: bytes, name: str) -> np.ndarray:
-        """Bytes -> the cache's uint8 square; RequestError (4xx) for anything unusable."""
-        if not data:
-            raise RequestError(400, "empty file", name)
-        kind = sniff(data)
-        if kind is None:
-            raise RequestError(415, "not a JPEG, PNG or DICOM image", name)
+        """Bytes -> the cache's uint8 square (``imaging.to_pixels``); RequestError (4xx) for anything unusable."""
         try:
-            if kind == "dicom":
-                return imaging.decode_dicom(data, self.size, name)
-            img = imaging.open_image(data, name)
-            if getattr(img, "n_frames", 1) > 1:
-                raise imaging.ImageError(f"{name}: multi-frame image ({img.n_frames} frames): send one frame")
-            return imaging.square(imaging.to_gray(img, self.size), self.size)
+            return imaging.to_pixels(data, self.size, name).pixels
+        except imaging.UnsupportedFormat as e:
+            raise RequestError(415, str(e), name) from None
         except imaging.ImageError as e:
-            raise RequestError(422, str(e), name) from None
+            raise RequestError(400 if not data else 422, str(e), name) from None
 
     def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
         x = torch.from_numpy(np.stack(arrays)).unsqueeze(1).to(self.device)
