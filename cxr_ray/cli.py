@@ -6,14 +6,10 @@ import json
 import os
 import sys
 
-# Ray reads this when it is imported: the per-epoch lines of concurrent trials look alike and must
-# not be folded into "[repeated Nx across cluster]".
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
-from .spec import yaml_load
-from .config import ConfigError, TrainConfig
-
 from . import data
+from .config import ConfigError, TrainConfig
+from .errors import CxrError
+from .spec import yaml_load
 
 
 def _parse_set(pairs: list[str]) -> dict:
@@ -44,33 +40,47 @@ def cmd_data_check(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from . import runtime, storage, training
+    import threading
+
+    from . import console, runtime, storage, training
     values = {"backbone": args.backbone, "image_size": args.size, "epochs": args.epochs, **_parse_set(args.set)}
     cfg = TrainConfig.from_dict(values, where="--set")
     out = storage.normalize(args.out)
     os.makedirs(out, exist_ok=True)
     prepared = data.prepare(args.source, args.data, args.size, out, seed=args.seed, cache_root=args.cache,
                             synthetic_images=args.synthetic_images)
-    runtime.connect()
-    ref = runtime.put_data(prepared)
     name = args.name or f"{cfg.backbone}-{cfg.image_size}px"
+    run_dir = storage.join(out, name)
+    runtime.connect(verbose=args.verbose, log_file=os.path.join(run_dir, "driver.log"))
+    ref = runtime.put_data(prepared)
     print(f"training {name}: {cfg.backbone} at {cfg.image_size}px, {cfg.epochs} epochs, {args.workers} worker(s) "
-          f"-> {out}/{name}", flush=True)
-    result = training.fit(cfg, ref, name=name, storage_path=out, workers=args.workers, use_gpu=args.gpus > 0,
-                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus or 1,
-                          callbacks=[training.EpochLog(os.path.join(out, name, "metrics.csv"))])
-    print(f"last checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(f"metrics: {os.path.join(out, name, 'metrics.csv')}")
+          f"-> {run_dir}", flush=True)
+    stop = threading.Event()
+    printer = threading.Thread(target=console.follow_history,
+                               args=(storage.join(run_dir, "metrics.csv"), stop, name, cfg.epochs))
+    printer.start()
+    try:
+        result = training.fit(cfg, ref, name=name, storage_path=out, workers=args.workers, use_gpu=args.gpus > 0,
+                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus)
+    finally:
+        stop.set()
+        printer.join()
+    if result.error:
+        raise training.TrainError(f"training {name} failed: {result.error}")
+    saved = training.checkpoints(run_dir)
+    print(f"last checkpoint: {saved[max(saved)] if saved else None}")
+    print(f"metrics: {storage.join(run_dir, 'metrics.csv')}")
 
 
 def cmd_study_run(args) -> None:
     from . import study
-    study.run(args.spec, args.out, args.storage, data_path=args.data_path, report=not args.no_report)
+    study.run(args.spec, args.out, args.storage, data_path=args.data_path, report=not args.no_report,
+              verbose=args.verbose)
 
 
 def cmd_study_resume(args) -> None:
     from . import study
-    study.resume(args.dir, report=not args.no_report)
+    study.resume(args.dir, report=not args.no_report, verbose=args.verbose)
 
 
 def cmd_study_status(args) -> None:
@@ -128,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any training setting, e.g. lr=3e-4")
     p.add_argument("--out", default="runs/train")
     p.add_argument("--name", help="run name; re-running the same name resumes it")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and the workers' output")
     p.set_defaults(func=cmd_train)
 
     s = sub.add_parser("study", help="run, resume or inspect a study").add_subparsers(dest="study_command",
@@ -138,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="storage root URI (s3://..., gs://..., NFS path); study goes to ROOT/<name>")
     p.add_argument("--data-path", help="replaces data.path of the spec (this machine's copy of the data)")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and the trials' output")
     p.set_defaults(func=cmd_study_run)
     p = s.add_parser("resume", help="continue a killed or failed study")
     p.add_argument("dir")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and the trials' output")
     p.set_defaults(func=cmd_study_resume)
     p = s.add_parser("status", help="trials per arm and best so far")
     p.add_argument("dir")
@@ -171,12 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Bad input (data, spec, settings, model names, missing files, study state) exits 2 with one line."""
     args = build_parser().parse_args(argv)
-    from .models import ModelError
-    from .spec import SpecError
-    from .study import StudyError
     try:
         args.func(args)
-    except (data.DataError, SpecError, ConfigError, ModelError, StudyError, FileNotFoundError) as e:
+    except (CxrError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import CxrError
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 IMBALANCE = ("weighted_loss", "sampler", "none")
@@ -18,8 +20,8 @@ HEADS = ("linear", "keras16")
 ENGINES = ("auto", "tune", "train")  # how a study runs a trial: see study.py
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(CxrError, ValueError):
+    """A training setting is unknown or out of range."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import imaging, synthetic
+from .errors import CxrError
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 SOURCES = ("kaggle", "npz", "synthetic")
@@ -42,7 +43,7 @@ _PATIENT_PATTERNS = [
 ]
 
 
-class DataError(ValueError):
+class DataError(CxrError, ValueError):
     """Unusable data input; the message names the path, file or field."""
 
 

@@ -21,9 +21,10 @@ from torch import nn
 
 from .config import HEADS, TrainConfig
 from .data import CLASSES
+from .errors import CxrError
 
 
-class ModelError(ValueError):
+class ModelError(CxrError, ValueError):
     """Unusable model request; the message says what to change."""
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import yaml
 
 from .data import SOURCES
-from .config import ConfigError, TrainConfig
+from .errors import CxrError
+from .config import ENGINES, ConfigError, TrainConfig
 
 # The schema: section -> key -> (type(s), default). None as default means required.
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -36,6 +37,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "resources": {
         "workers_per_trial": (int, 1), "cpus_per_worker": ((int, float), 1), "gpus_per_worker": ((int, float), 0),
         "max_concurrent_trials": (int, 1), "max_failures": (int, 2), "worker_resources": (dict, {}),
+        "engine": (str, "auto"),
     },
     "selection": {"metric": (str, "val_auroc"), "mode": (str, "max")},
     "final": {"seeds": (list, [0, 1, 2]), "epochs": ((int, type(None)), None), "bootstrap": (int, 1000)},
@@ -65,7 +67,7 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-class SpecError(ValueError):
+class SpecError(CxrError, ValueError):
     """A spec problem; the message names the file and the key."""
 
 
@@ -94,6 +96,14 @@ class Spec:
     @property
     def arm_names(self) -> list[str]:
         return [a["name"] for a in self.raw["arms"]]
+
+    @property
+    def engine(self) -> str:
+        """How a trial runs: ``tune`` (the loop inside the Tune trial) or ``train`` (Ray Train, DDP)."""
+        r = self.raw["resources"]
+        if r["engine"] != "auto":
+            return r["engine"]
+        return "tune" if r["workers_per_trial"] == 1 else "train"
 
     def arm(self, name: str) -> dict:
         return next(a for a in self.raw["arms"] if a["name"] == name)
@@ -249,6 +259,11 @@ def validate(raw: dict, file: str = "spec") -> Spec:
                         "must be positive")
     if r["gpus_per_worker"] < 0:
         raise SpecError(f"{file}: resources.gpus_per_worker must be >= 0")
+    if r["engine"] not in ENGINES:
+        raise SpecError(f"{file}: resources.engine must be one of {', '.join(ENGINES)} (got {r['engine']!r})")
+    if r["engine"] == "tune" and r["workers_per_trial"] > 1:
+        raise SpecError(f"{file}: resources.engine tune runs a trial in one process; workers_per_trial "
+                        f"{r['workers_per_trial']} needs engine train (DDP) or auto")
     for key, value in r["worker_resources"].items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise SpecError(f"{file}: resources.worker_resources.{key} must be a positive number (got {value!r})")

@@ -87,6 +87,30 @@ def write_json(uri: str, obj) -> None:
     write_text(uri, json.dumps(obj, indent=1, default=str))
 
 
+def upload_dir(local: str | Path, uri: str, last: str) -> None:
+    """Copy a local directory's files to ``uri``; a reader that sees the file ``last`` sees them all.
+
+    Locally the copy lands under a temporary name and is renamed into place (whole or not at all);
+    object stores have no rename, so there ``last`` is uploaded after every other file.
+    """
+    if not is_remote(uri):
+        path = os.path.abspath(uri)
+        tmp = f"{path}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(local, tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        return
+    for name in sorted(os.listdir(local), key=lambda n: n == last):
+        write_bytes(join(uri, name), Path(local, name).read_bytes())
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
 def listdir(uri: str) -> list[str]:
     fs, path = _fs(uri)
     info = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))

@@ -22,56 +22,70 @@ import numpy as np
 import pandas as pd
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
-from . import data, evaluation, runtime, spec as specs, storage, training
+from . import console, data, evaluation, runtime, spec as specs, storage, training
 from .config import TrainConfig
+from .errors import CxrError
 from .scheduler import PerArmASHA, rung_milestones
 
 SEARCH, FINAL = "search", "final"
 
 
-class StudyError(RuntimeError):
-    pass
+class StudyError(CxrError, RuntimeError):
+    """A study cannot start or continue; the message says why and what to run."""
 
 
 # ----------------------------------------------------------------------------- trials
 
 def run_trial(config: dict, data_ref: list, plans: dict, settings: dict) -> None:
-    """Tune function trainable: one Ray Train run whose per-epoch reports reach Tune (and ASHA)."""
+    """Tune function trainable: one run of the training loop, whose per-epoch reports reach Tune
+    (and ASHA). Engine ``tune`` runs the loop right here, in the trial's process (reused from trial
+    to trial); engine ``train`` launches a Ray Train run (DDP over its workers) and forwards its reports."""
     cfg = TrainConfig.from_dict(plans[_plan_key(config)]["train"])
-    training.fit(cfg, data_ref[0], name=tune.get_context().get_trial_id(), storage_path=settings["runs"],
-                 workers=settings["workers"], use_gpu=settings["gpus"] > 0, cpus_per_worker=settings["cpus"],
-                 gpus_per_worker=settings["gpus"], max_failures=settings["max_failures"],
-                 custom_resources=settings["custom"],
-                 callbacks=[TuneReportCallback(), training.EpochLog(
-                     storage.join(settings["runs"], tune.get_context().get_trial_id(), "metrics.csv"),
-                     prefix=f"{_trial_name(config)}  ")],
-                 selection_metric=settings["metric"],
-                 selection_mode=settings["mode"])
+    trial_id = tune.get_context().get_trial_id()
+    if settings["engine"] == "tune":
+        training.run_in_trial(cfg, data_ref[0], storage.join(settings["runs"], trial_id))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+    training.fit(cfg, data_ref[0], name=trial_id, storage_path=settings["runs"], workers=settings["workers"],
+                 use_gpu=settings["gpus"] > 0, cpus_per_worker=settings["cpus"], gpus_per_worker=settings["gpus"],
+                 max_failures=settings["max_failures"], custom_resources=settings["custom"],
+                 callbacks=[TuneReportCallback()])
 
 
 def _plan_key(config: dict) -> str:
     return f"{config['arm']}/{config.get('config_id', 'best')}/{config['seed']}"
 
 
-def _trial_name(trial_or_config) -> str:
-    c = getattr(trial_or_config, "config", trial_or_config)
-    name = f"{c['arm']}-c{c.get('config_id', 'best')}-s{c['seed']}"
-    return f"{name}-{trial_or_config.trial_id}" if hasattr(trial_or_config, "trial_id") else name
+def _trial_name(trial) -> str:
+    """Tune's name and directory of a trial: ``resnet10t-c1-s0-<trial id>``."""
+    return f"{console.trial_label(trial.config)}-{trial.trial_id}"
+
+
+def trial_id_of(dirname: str) -> str:
+    """The Tune trial id at the end of a trial directory's name (``arm-c1-s0-<trial id>``)."""
+    return dirname.rsplit("-", 1)[-1]
+
+
+def trial_resources(spec: specs.Spec) -> dict:
+    """What Tune reserves for one trial. Engine tune: the loop's real CPUs/GPUs (Tune then counts
+    them). Engine train: the trial only waits on its Train run, so a memory-only bundle keeps it
+    from holding a CPU that the Train workers need (Tune does not count those; see
+    max_concurrent_trials)."""
+    r = spec.resources
+    if spec.engine == "train":
+        return {"memory": 64 * 1024**2}
+    return {"cpu": r["cpus_per_worker"], "gpu": r["gpus_per_worker"], **r["worker_resources"]}
 
 
 def phase_tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) -> tune.Tuner:
     """The Tune experiment of one phase; restored (not restarted) when it already exists."""
     r = spec.resources
-    settings = {"runs": storage.join(sdir, "runs"), "workers": r["workers_per_trial"], "cpus": r["cpus_per_worker"],
-                "gpus": r["gpus_per_worker"], "max_failures": r["max_failures"], "custom": r["worker_resources"],
-                "metric": spec.selection["metric"], "mode": spec.selection["mode"]}
-    # The trial function only waits on its Train run: a memory-only bundle keeps it from holding
-    # a CPU that the Train workers need (Tune does not count those; see max_concurrent_trials).
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data_ref=[data_ref], plans=plans, settings=settings),
-        {"memory": 64 * 1024**2})
+    settings = {"engine": spec.engine, "runs": storage.join(sdir, "runs"), "workers": r["workers_per_trial"],
+                "cpus": r["cpus_per_worker"], "gpus": r["gpus_per_worker"], "max_failures": r["max_failures"],
+                "custom": r["worker_resources"]}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data_ref=[data_ref], plans=plans,
+                                                         settings=settings), trial_resources(spec))
     path = storage.join(sdir, phase)
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -90,20 +104,12 @@ def phase_tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) 
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=r["max_concurrent_trials"],
-                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=phase, storage_path=sdir, failure_config=tune.FailureConfig(max_failures=1),
-                                  progress_reporter=_progress_table(spec), verbose=1),
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                                    reuse_actors=spec.engine == "tune"),
+        run_config=tune.RunConfig(name=phase, storage_path=sdir,
+                                  failure_config=tune.FailureConfig(max_failures=r["max_failures"]),
+                                  callbacks=[console.StudyProgress(spec, phase, plans)], verbose=0),
     )
-
-
-def _progress_table(spec: specs.Spec) -> tune.CLIReporter:
-    """A compact trial table every 30 s (Tune's default prints every metric of every trial)."""
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the table below replaces Tune's new per-trial result boxes
-    metric = spec.selection["metric"]
-    return tune.CLIReporter(parameter_columns=["arm", "config_id", "seed"],
-                            metric_columns={"epoch": "epoch", metric: metric, "val_loss": "val_loss",
-                                            "images_per_s": "img/s"},
-                            max_report_frequency=30, sort_by_metric=False, max_progress_rows=40)
 
 
 def search_plans(spec: specs.Spec, configs: list[dict]) -> dict[str, dict]:
@@ -136,14 +142,14 @@ def final_plans(spec: specs.Spec, best: dict[str, dict]) -> dict[str, dict]:
 def collect_trials(result_grid, sdir: str, phase: str, plans: dict) -> pd.DataFrame:
     """One row per (trial, epoch): identity, hyperparameters, metrics, checkpoint (relative).
 
-    The per-epoch history is each Train run's own ``metrics.csv`` (see ``training.EpochLog``):
-    Tune restarts a trial whose actor died with fresh result files, the run's history does not.
-    Tune contributes the trial's status and its wall time (``time_total_s``).
+    The per-epoch history is each run's own ``metrics.csv``, written before each epoch was reported
+    (see training.py): Tune restarts a trial whose actor died with fresh result files, the run's
+    history does not. Tune contributes the trial's status and its wall time (``time_total_s``).
     """
     rows = []
     for result in result_grid:
         t = plans[_plan_key(result.config)]
-        trial_id = os.path.basename(result.path).rsplit("-", 1)[-1]
+        trial_id = trial_id_of(os.path.basename(result.path))
         identity = {"phase": phase, "trial_id": trial_id, "arm": t["arm"], "config_id": t["config_id"],
                     "seed": t["seed"], "status": "error" if result.error else "ok",
                     **{f"hp_{k}": v for k, v in t["params"].items()}}
@@ -168,12 +174,20 @@ def _relative(path: str, sdir: str) -> str:
 
 
 def trial_summary(trials: pd.DataFrame, spec: specs.Spec, stops: dict) -> pd.DataFrame:
-    """One row per trial: last epoch, best and last metric, stop reason, times."""
+    """One row per trial, every trial of the phase included: last epoch, best and last metric,
+    outcome (completed, stopped by ASHA, unfinished, error), times."""
     metric = spec.selection["metric"]
     sign = 1 if spec.selection["mode"] == "max" else -1
     rows = []
-    for tid, g in trials.dropna(subset=["epoch"]).groupby("trial_id", sort=False):
-        g = g.sort_values("epoch")
+    for tid, g in trials.groupby("trial_id", sort=False):
+        first = g.iloc[0]
+        g = g.dropna(subset=["epoch"]).sort_values("epoch") if "epoch" in g else g.iloc[:0]
+        identity = {"trial_id": tid, "arm": first["arm"], "config_id": first["config_id"], "seed": first["seed"],
+                    **{c: first[c] for c in g.columns if c.startswith("hp_")}}
+        if not len(g):  # failed (or never started) before recording its first epoch
+            rows.append(identity | {"epochs": 0, "outcome": "error" if first["status"] == "error" else "unfinished",
+                                    "in_loop_s": 0.0})
+            continue
         last = g.iloc[-1]
         epochs_needed = spec.epochs_for(last["arm"]) if last["phase"] == SEARCH else spec.final_epochs_for(last["arm"])
         if tid in stops:
@@ -182,18 +196,16 @@ def trial_summary(trials: pd.DataFrame, spec: specs.Spec, stops: dict) -> pd.Dat
             outcome = "completed"
         else:
             outcome = "unfinished" if last["status"] == "ok" else "error"
-        rows.append({
-            "trial_id": tid, "arm": last["arm"], "config_id": last["config_id"], "seed": last["seed"],
-            **{c: last[c] for c in g.columns if c.startswith("hp_")},
+        rows.append(identity | {
             "epochs": int(last["epoch"]), "outcome": outcome,
             f"last_{metric}": last[metric], f"best_{metric}": (g[metric] * sign).max() * sign,
             "in_loop_s": g["epoch_time_s"].sum(), "wall_s": last.get("time_total_s", np.nan),
-            "checkpoint": last["checkpoint"],
+            "engine": last.get("engine", ""), "checkpoint": last["checkpoint"],
         })
     df = pd.DataFrame(rows)
     if len(df):
         df["overhead_s"] = df["wall_s"] - df["in_loop_s"]
-        df = df.sort_values(f"last_{metric}", ascending=sign < 0, kind="stable")
+        df = df.sort_values(f"last_{metric}", ascending=sign < 0, kind="stable", na_position="last")
     return df
 
 
@@ -222,7 +234,7 @@ def best_configs(summary: pd.DataFrame, spec: specs.Spec, configs: list[dict]) -
     metric, mode = spec.selection["metric"], spec.selection["mode"]
     best = {}
     for arm in spec.arm_names:
-        s = summary[summary["arm"] == arm]
+        s = summary[summary["arm"] == arm].dropna(subset=[f"last_{metric}"])
         if not len(s):
             raise StudyError(f"arm {arm}: no trial reported any result; see the Tune logs under search/")
         done = s[s["outcome"] == "completed"]
@@ -283,7 +295,7 @@ def check_capacity(spec: specs.Spec) -> None:
 
 
 def run(spec_path: str, out: str | None = None, storage_root: str | None = None, *, data_path: str | None = None,
-        report: bool = True) -> str:
+        report: bool = True, verbose: bool = False) -> str:
     """Run a study from a spec file; returns the study directory."""
     spec = specs.load(spec_path, data_path)
     sdir = study_dir(spec, out, storage_root)
@@ -297,23 +309,23 @@ def run(spec_path: str, out: str | None = None, storage_root: str | None = None,
         spec = existing
     else:
         storage.write_text(spec_uri, specs.dump(spec))
-    return execute(spec, sdir, report=report)
+    return execute(spec, sdir, report=report, verbose=verbose)
 
 
-def resume(sdir: str, *, report: bool = True) -> str:
+def resume(sdir: str, *, report: bool = True, verbose: bool = False) -> str:
     sdir = storage.normalize(sdir)
     spec_uri = storage.join(sdir, "spec.yaml")
     if not storage.exists(spec_uri):
         raise StudyError(f"{sdir}: not a study directory (no spec.yaml)")
     spec = specs.validate_text(storage.read_text(spec_uri), spec_uri)
-    return execute(spec, sdir, report=report)
+    return execute(spec, sdir, report=report, verbose=verbose)
 
 
-def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
+def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool = False) -> str:
     start = time.time()
     print(f"study {spec.name} ({spec.hash}) -> {sdir}", flush=True)
     prepared = prepare_data(spec, sdir)
-    runtime.connect()
+    runtime.connect(verbose=verbose, log_file=None if storage.is_remote(sdir) else os.path.join(sdir, "driver.log"))
     check_capacity(spec)
     data_ref = runtime.put_data(prepared)
 
@@ -323,7 +335,8 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
     # Phase 2: search.
     plans = search_plans(spec, configs)
     print(f"search: {len(spec.arm_names)} arms x {len(configs)} configurations = {len(plans)} trials, "
-          f"up to {spec.budget['max_epochs']} epochs each", flush=True)
+          f"up to {spec.budget['max_epochs']} epochs each, {spec.resources['max_concurrent_trials']} at a time "
+          f"(engine {spec.engine})", flush=True)
     results = phase_tuner(spec, sdir, SEARCH, plans, data_ref).fit()
     trials = collect_trials(results, sdir, SEARCH, plans)
     stops = asha_stops(sdir)
@@ -332,7 +345,7 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
     storage.write_csv(storage.join(sdir, "trials.csv"), trials)
     storage.write_csv(storage.join(sdir, "trial_summary.csv"), summary)
     storage.write_csv(storage.join(sdir, "budget.csv"), budget)
-    print("\nbudget consumed per arm:\n" + budget.to_string(index=False), flush=True)
+    print(console.budget_lines(budget), flush=True)
     best = best_configs(summary, spec, configs)
     storage.write_json(storage.join(sdir, "best_configs.json"), best)
 
@@ -347,6 +360,7 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True) -> str:
     outcome = evaluation.evaluate(spec, sdir, prepared, final_trials)
     storage.write_json(storage.join(sdir, "study.json"), {
         "name": spec.name, "spec_hash": spec.hash, "finished": True, "driver_wall_s": time.time() - start,
+        "engine": spec.engine,
         "command": " ".join(sys.argv), "ray_resources": ray.cluster_resources(),
     })
     print("\n" + outcome["verdict"], flush=True)
@@ -415,6 +429,6 @@ def _experiment_state(path: str, spec: specs.Spec) -> list[dict] | None:
         epochs = last.get("epoch", 0)
         target = spec.epochs_for(t["arm"]) if path.endswith(SEARCH) else spec.final_epochs_for(t["arm"])
         status = done or ("terminated" if epochs >= target else "pending" if not last else "running")
-        trials.append({"arm": t["arm"], "config_id": t.get("config_id", "best"), "trial_id": name.rsplit("-", 1)[-1],
+        trials.append({"arm": t["arm"], "config_id": t.get("config_id", "best"), "trial_id": trial_id_of(name),
                        "status": status, "epoch": epochs, **{k: v for k, v in last.items() if k.startswith("val_")}})
     return trials

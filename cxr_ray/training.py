@@ -1,35 +1,50 @@
-"""Fine-tuning one configuration: the per-worker loop (Ray Train, DDP) and its launcher.
+"""Fine-tuning one configuration: one per-worker loop, and two places to run it.
 
-Every worker holds the decoded cache (shared zero-copy through Ray's object store), draws
-its shard of a seeded per-epoch permutation, augments on tensors (on the GPU when there is
-one) and steps a DDP model. Once per epoch all workers score the full validation split
-(each a slice, then gathered), report the same metrics, and rank 0 writes a checkpoint:
-weights (safetensors), optimiser/scheduler state (weights_only-safe) and metadata (JSON).
+``train_loop`` is the whole training of a run. Every worker holds the decoded cache (shared
+zero-copy through Ray's object store), draws its shard of a seeded per-epoch permutation,
+augments on tensors (on the GPU when there is one) and steps the model. Once per epoch all
+workers score the full validation split (each a slice, then gathered) and rank 0 RECORDS the
+epoch before anyone reports it: its row in ``RUN/metrics.csv``, then its checkpoint
+``RUN/checkpoint_<epoch>/`` (weights as safetensors, optimiser state loadable with
+``weights_only``, metadata as JSON). A scheduler that stops the run on hearing the report can
+therefore never lose the epoch. On (re)start the loop resumes from the newest complete
+checkpoint in its run directory, whoever restarted it.
+
+Where the loop runs is a thin adapter (rank, world size, device, model wrapping, report):
+  ``TrainWorld``  a Ray Train worker: ``fit()`` runs a TorchTrainer, DDP over N workers
+                  (``cxr-ray train`` and study trials with several workers);
+  ``TuneWorld``   the Tune trial process itself: ``run_in_trial()``, for single-worker study
+                  trials, which then pay no Ray Train start-up (see study.py);
+  ``LocalWorld``  this process, no Ray (benchmarks and tests).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from . import metrics, models
+from . import metrics, models, storage
 from .config import ConfigError, TrainConfig
+from .errors import CxrError
+
+
+class TrainError(CxrError, RuntimeError):
+    """A training run failed; the message says where its logs are."""
 
 # ----------------------------------------------------------------------------- batches
 
@@ -141,7 +156,137 @@ def epoch_metrics(y: np.ndarray, p: np.ndarray, prefix: str = "val") -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- the record of a run
+
+CHECKPOINT = re.compile(r"^checkpoint_(\d{6})$")
+
+
+def checkpoint_uri(run_dir: str, epoch: int) -> str:
+    return storage.join(run_dir, f"checkpoint_{epoch:06d}")
+
+
+def checkpoints(run_dir: str) -> dict[int, str]:
+    """Epoch -> URI of every complete checkpoint of a run (``meta.json`` is written last)."""
+    found = {}
+    for name in storage.listdir(run_dir):
+        m = CHECKPOINT.match(name)
+        if m and storage.exists(storage.join(run_dir, name, "meta.json")):
+            found[int(m.group(1))] = storage.join(run_dir, name)
+    return found
+
+
+def write_history_row(run_dir: str, row: dict) -> None:
+    """Put one epoch's row into the run's ``metrics.csv``: earlier epochs are kept, the same or
+    later ones replaced, so every epoch appears once whoever (re)trained it."""
+    uri = storage.join(run_dir, "metrics.csv")
+    new = pd.DataFrame([row])
+    if storage.exists(uri):
+        history = storage.read_csv(uri)
+        new = pd.concat([history[history["epoch"] < row["epoch"]], new], ignore_index=True)
+    storage.write_csv(uri, new)
+
+
+def record_epoch(run_dir: str, report: dict, model, optimizer, scheduler, cfg: TrainConfig, norm,
+                 arrays: dict[str, np.ndarray], keep: int) -> str:
+    """Rank 0: the epoch's history row, then its checkpoint, then drop checkpoints beyond the
+    newest ``keep`` (0 keeps all). Returns the checkpoint's URI."""
+    uri = checkpoint_uri(run_dir, report["epoch"])
+    write_history_row(run_dir, report | {"checkpoint": uri})
+    with tempfile.TemporaryDirectory() as tmp:
+        models.save_checkpoint(Path(tmp), model, optimizer, scheduler, report["epoch"], cfg, norm, report)
+        for name, values in arrays.items():
+            np.save(Path(tmp) / f"{name}.npy", values)
+        storage.upload_dir(tmp, uri, last="meta.json")
+    if keep:
+        for epoch in sorted(checkpoints(run_dir))[:-keep]:
+            storage.delete_dir(checkpoint_uri(run_dir, epoch))
+    return uri
+
+
+# ----------------------------------------------------------------------------- where the loop runs
+
+class LocalWorld:
+    """This process, one worker, no Ray: ``reports`` collects what the loop reports."""
+
+    engine, rank, size = "local", 0, 1
+
+    def __init__(self, name: str = "local"):
+        self.name, self.reports = name, []
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wrap(self, model, find_unused: bool):
+        return model.to(self.device)
+
+    def report(self, metrics: dict) -> None:
+        self.reports.append(metrics)
+
+
+class TuneWorld(LocalWorld):
+    """The Tune trial process: the trial's own resources, reports go straight to Tune."""
+
+    engine = "tune"
+
+    def __init__(self):
+        from ray import tune
+        super().__init__(tune.get_context().get_trial_id())
+        self._report = tune.report
+
+    def report(self, metrics: dict) -> None:
+        self._report(metrics)
+
+
+class TrainWorld:
+    """A Ray Train worker: rank and world size from Train, DDP when there are several."""
+
+    engine = "train"
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.size, self.name = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_experiment_name()
+        self.device = ray.train.torch.get_device()
+        self._train = ray.train
+
+    def wrap(self, model, find_unused: bool):
+        if self.size == 1:
+            return model.to(self.device)
+        import ray.train.torch
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+
+    def report(self, metrics: dict) -> None:
+        self._train.report(metrics)  # a barrier: every rank reports every epoch
+
+
+# ----------------------------------------------------------------------------- gauges
+
+_GAUGES: dict = {}
+
+
+def export_gauges(cfg: TrainConfig, trial: str, report: dict) -> None:
+    """Prometheus gauges through Ray's metrics agent (the dashboard's Grafana panels, any scraper):
+    throughput, epoch and each selectable validation metric of a run, tagged study/arm/trial."""
+    from ray.util.metrics import Gauge
+    if not _GAUGES:
+        tags = ("study", "arm", "trial")
+        _GAUGES["images_per_second"] = Gauge("cxr_ray_train_images_per_second",
+                                             "Training images per second of a run", tag_keys=tags)
+        _GAUGES["epoch"] = Gauge("cxr_ray_trial_epoch", "Last epoch a run finished", tag_keys=tags)
+        _GAUGES["metric"] = Gauge("cxr_ray_trial_metric", "A validation metric of a run at its last epoch",
+                                  tag_keys=tags + ("metric",))
+    tags = {"study": cfg.study or "-", "arm": cfg.arm or cfg.backbone, "trial": trial}
+    _GAUGES["images_per_second"].set(report["images_per_s"], tags=tags)
+    _GAUGES["epoch"].set(report["epoch"], tags=tags)
+    for name in ("val_auroc", "val_loss", "val_accuracy_youden", "val_f1_youden"):
+        _GAUGES["metric"].set(report[name], tags=tags | {"metric": name})
+
+
 # ----------------------------------------------------------------------------- the loop
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """One distinct 63-bit seed per (seed, epoch, rank): no two runs, epochs or ranks share a stream."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
 
 def train_epoch(net, model, optimizer, scheduler, images, labels, train_rows, class_weight, norm, cfg: TrainConfig,
                 epoch: int, rank: int, world: int, device: torch.device) -> tuple[float, int, float, float]:
@@ -153,9 +298,9 @@ def train_epoch(net, model, optimizer, scheduler, images, labels, train_rows, cl
     cuda = device.type == "cuda"
     model.frozen_backbone = epoch < cfg.freeze_epochs
     net.train()
-    torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
     gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+    gen.manual_seed(epoch_seed(cfg.seed, epoch, rank))
     weights = torch.tensor(class_weight, device=device)
     loss_sum, seen, wait = torch.zeros((), device=device), 0, 0.0
     start = t_ready = time.perf_counter()
@@ -183,19 +328,11 @@ def train_epoch(net, model, optimizer, scheduler, images, labels, train_rows, cl
     return loss_sum.item(), seen, wait, time.perf_counter() - start
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train per-worker entry point. ``config``: TrainConfig fields + ``data``."""
-    logging.getLogger().setLevel(logging.WARNING)  # Train logs every report at INFO; EpochLog prints one line
-    data = config["data"]
-    if isinstance(data, list):  # [ObjectRef]: wrapped so Ray passes the reference, not the arrays
-        data = ray.get(data[0])
-    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != "data"})
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} workers")
-    device = ray.train.torch.get_device() if world > 1 or dist.is_initialized() else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoints: int = 2) -> None:
+    """Train ``cfg`` on ``data`` (images, labels, split rows) in ``world``; see the module docstring."""
+    rank, size, device = world.rank, world.size, world.device
+    if cfg.batch_size % size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {size} workers")
     cuda = device.type == "cuda"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -205,61 +342,52 @@ def train_loop(config: dict) -> None:
     images, labels = data["images"], data["labels"]
     train_rows, val_rows = data["train"], data["val"]
     norm = models.normalization(cfg.backbone)
-
     model = models.build_model(cfg.backbone, head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout,
                                pretrained=cfg.pretrained, image_size=cfg.image_size)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    net = model
-    if world > 1 or dist.is_initialized():
-        net = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": cfg.freeze_epochs > 0})
-    else:
-        net = model.to(device)
+    net = world.wrap(model, find_unused=cfg.freeze_epochs > 0)
     optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = len(epoch_batches(train_rows, labels, cfg, 0, rank, world))
+    steps_per_epoch = len(epoch_batches(train_rows, labels, cfg, 0, rank, size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps_per_epoch))
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
+    saved = checkpoints(run_dir)
+    if saved:
+        start_epoch = max(saved)
+        with tempfile.TemporaryDirectory() as tmp:
+            d = storage.local_dir(saved[start_epoch], cache=tmp)
             model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
             state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            start_epoch = state["epoch"]
-            if start_epoch >= cfg.epochs:
-                # Finished, but whoever waited for it (a Tune trial) died before hearing so: say it again,
-                # without a new checkpoint (the reported one is kept; nothing done is changed).
-                last = json.loads(Path(d, "meta.json").read_text())["metrics"]
-                ray.train.report(last | {"started_at_epoch": start_epoch})
-                return
+            last = storage.read_json(os.path.join(d, "meta.json"))["metrics"]
+        if start_epoch >= cfg.epochs:
+            # Finished, but whoever waited for it (a Tune trial) died before hearing so: say it again.
+            # Nothing is trained or written; the record already holds every epoch.
+            world.report(last | {"started_at_epoch": start_epoch})
+            return
 
     y_train = labels[train_rows]
     n_pos, n_neg = int(y_train.sum()), int(len(y_train) - y_train.sum())
     class_weight = (len(y_train) / (2 * max(n_neg, 1)), len(y_train) / (2 * max(n_pos, 1)))
     val_y = labels[val_rows]
-    throughput = None
-    if rank == 0 and ray.is_initialized():  # Prometheus, via Ray's metrics agent (dashboard/Grafana)
-        from ray.util.metrics import Gauge
-        throughput = Gauge("cxr_ray_train_images_per_second", "Training images per second of a run",
-                           tag_keys=("study", "arm", "trial"))
-        throughput.set_default_tags({"study": cfg.study or "-", "arm": cfg.arm or cfg.backbone,
-                                     "trial": ctx.get_experiment_name()})
+    where = {"engine": world.engine, "node_id": "", "pid": os.getpid()}
+    if ray.is_initialized():
+        where["node_id"] = ray.get_runtime_context().get_node_id()
 
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
         loss_sum, seen, wait, train_time = train_epoch(net, model, optimizer, scheduler, images, labels,
-                                                       train_rows, class_weight, norm, cfg, epoch, rank, world,
+                                                       train_rows, class_weight, norm, cfg, epoch, rank, size,
                                                        device)
 
         # Validation on the full split, gathered so every rank reports identical numbers. Each rank's
         # BatchNorm statistics drifted on its own last batches: score with rank 0's, the checkpointed model.
-        if dist.is_initialized() and world > 1:
+        if dist.is_initialized() and size > 1:
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        p_val = predict_distributed(model, images, val_rows, norm, device, rank, world, cuda)
+        p_val = predict_distributed(model, images, val_rows, norm, device, rank, size, cuda)
         stats = torch.tensor([loss_sum, seen, wait, train_time], device=device, dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(stats)
@@ -271,77 +399,56 @@ def train_loop(config: dict) -> None:
             "val_loss": float(F.binary_cross_entropy(torch.from_numpy(p_val).clamp(eps, 1 - eps),
                                                      torch.from_numpy(val_y.astype(np.float32)))),
             **epoch_metrics(val_y, p_val),
-            "images_per_s": seen_total / max(time_total / world, 1e-9),
+            "images_per_s": seen_total / max(time_total / size, 1e-9),
             "data_wait_fraction": wait_total / max(time_total, 1e-9),
-            "epoch_time_s": time.perf_counter() - start,
-            "train_time_s": time_total / world,
+            "train_time_s": time_total / size,
             "lr": optimizer.param_groups[0]["lr"],
             "frozen_backbone": model.frozen_backbone,
-            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
             "started_at_epoch": start_epoch,  # 0 for a fresh run, k when resumed from epoch k's checkpoint
+            **where,
         }
-        if throughput:
-            throughput.set(report["images_per_s"])
-        last = epoch + 1 == cfg.epochs
-        p_test = None
-        if last and cfg.evaluate_test:
-            p_test = predict_distributed(model, images, data["test"], norm, device, rank, world, cuda)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                models.save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch + 1, cfg, norm, report)
-                np.save(Path(tmp) / "val_probabilities.npy", p_val)
-                if p_test is not None:
-                    np.save(Path(tmp) / "test_probabilities.npy", p_test)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(report, checkpoint=ckpt)
+        arrays = {"val_probabilities": p_val}
+        if epoch + 1 == cfg.epochs and cfg.evaluate_test:
+            arrays["test_probabilities"] = predict_distributed(model, images, data["test"], norm, device, rank,
+                                                               size, cuda)
+        report["epoch_time_s"] = time.perf_counter() - start  # training, validation and (below) the record
+        if rank == 0:
+            report["checkpoint_path"] = record_epoch(run_dir, report, model, optimizer, scheduler, cfg, norm,
+                                                     arrays, keep_checkpoints)
+            if ray.is_initialized():
+                export_gauges(cfg, world.name, report)
+        world.report(report)
 
 
-# ----------------------------------------------------------------------------- launcher
+def run_in_trial(cfg: TrainConfig, data_ref, run_dir: str, keep_checkpoints: int = 2) -> None:
+    """The loop inside the calling Tune trial (single worker, no Ray Train)."""
+    train_loop(cfg, ray.get(data_ref), run_dir, TuneWorld(), keep_checkpoints)
 
-class EpochLog(ray.train.UserCallback):
-    """Prints one line per epoch and keeps the run's per-epoch history as a CSV on its storage
-    (local disk, NFS or object storage). Runs in the Train controller.
 
-    The history survives restarts: a resumed run keeps the rows of the epochs before the one it
-    resumed at and replaces any later ones, so every epoch appears once, whoever trained it.
-    """
+# ----------------------------------------------------------------------------- Ray Train
 
-    def __init__(self, csv_uri: str | None = None, prefix: str = ""):
-        self.csv_uri, self.prefix = csv_uri, prefix
-
-    def after_report(self, run_context, metrics, checkpoint):
-        import pandas as pd
-
-        from . import storage
-        m = metrics[0]
-        if m.get("started_at_epoch", 0) >= m["epoch"]:  # a finished run's last epoch, reported again
-            print(f"{self.prefix}epoch {m['epoch']:>3}  already trained (run finished before)", flush=True)
-            return
-        print(f"{self.prefix}epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
-              f"val_auroc {m['val_auroc']:.4f}  val_acc@youden {m['val_accuracy_youden']:.4f}  "
-              f"{m['images_per_s']:.0f} img/s  data_wait {100 * m['data_wait_fraction']:.1f}%", flush=True)
-        if not self.csv_uri:
-            return
-        row = pd.DataFrame([{**m, "checkpoint": checkpoint.path if checkpoint else ""}])
-        if storage.exists(self.csv_uri):
-            history = storage.read_csv(self.csv_uri)
-            row = pd.concat([history[history["epoch"] < m["epoch"]], row], ignore_index=True)
-        storage.write_csv(self.csv_uri, row)
+def ray_train_worker(config: dict) -> None:
+    """Ray Train per-worker entry point. ``config``: TrainConfig fields + ``data``, ``run_dir``, ``keep``."""
+    logging.getLogger().setLevel(logging.WARNING)  # Train logs every report at INFO
+    data = ray.get(config["data"][0])  # [ObjectRef]: wrapped so Ray passes the reference, not the arrays
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in ("data", "run_dir", "keep")})
+    train_loop(cfg, data, config["run_dir"], TrainWorld(), config["keep"])
 
 
 def fit(cfg: TrainConfig, data_ref, *, name: str, storage_path: str, workers: int = 1, use_gpu: bool = False,
         cpus_per_worker: float = 1, gpus_per_worker: float = 1, custom_resources: dict | None = None,
-        max_failures: int = 2,
-        callbacks: list | None = None, keep_checkpoints: int = 2, selection_metric: str = "val_auroc",
-        selection_mode: str = "max"):
-    """Run one configuration with Ray Train. Re-running the same ``name`` resumes it."""
-    config = {**dataclasses.asdict(cfg), "data": [data_ref]}
+        max_failures: int = 2, callbacks: list | None = None, keep_checkpoints: int = 2):
+    """Run one configuration with Ray Train in ``storage_path/name``. Re-running the same ``name``
+    resumes it; crashed workers are restarted from the last checkpoint (``FailureConfig``)."""
+    import ray.train
+    import ray.train.torch
+    config = {**dataclasses.asdict(cfg), "data": [data_ref], "run_dir": storage.join(storage_path, name),
+              "keep": keep_checkpoints}
     if not cfg.threads:
         config["threads"] = max(1, int(cpus_per_worker))
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {}) | (custom_resources or {})
     trainer = ray.train.torch.TorchTrainer(
-        train_loop,
+        ray_train_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
@@ -349,11 +456,8 @@ def fit(cfg: TrainConfig, data_ref, *, name: str, storage_path: str, workers: in
             name=name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints,
-                                                         checkpoint_score_attribute=selection_metric,
-                                                         checkpoint_score_order=selection_mode),
             callbacks=callbacks or [],
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our EpochLog says what matters
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     return trainer.fit()

@@ -276,7 +276,7 @@ def test_defaults_are_filled_in(tmp_path):
                          "test_fraction": 0.15, "use_official_test": True, "synthetic_images": 1200, "strict": False}
     assert spec.budget == {"samples_per_arm": 4, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2}
     assert spec.resources == {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0,
-                              "max_concurrent_trials": 1, "max_failures": 2, "worker_resources": {}}
+                              "max_concurrent_trials": 1, "max_failures": 2, "worker_resources": {}, "engine": "auto"}
     assert spec.selection == {"metric": "val_auroc", "mode": "max"}
     assert spec.final == {"seeds": [0, 1, 2], "epochs": None, "bootstrap": 1000}
     assert spec.epochs_for("resnet18") == 4 and spec.final_epochs_for("resnet18") == 4

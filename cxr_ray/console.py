@@ -1,0 +1,134 @@
+"""What a person reads on the terminal while training runs: one line per epoch, and one line per
+arm whenever one of its trials ends (trials done / stopped / running, best so far, time left).
+
+Printed by the driver from what Tune received (``StudyProgress``, a Tune callback) or, for a
+single ``cxr-ray train`` run, from the run's history file (``follow_history``). Ray's own
+expected chatter stays in Ray's log files (see runtime.connect); real errors are printed here.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from ray import tune
+
+from . import storage
+
+
+def epoch_line(name: str, m: dict, epochs: int | None = None, width: int = 24) -> str:
+    """``resnet10t-c1-s0  epoch 2/4  loss 0.4121  val_loss 0.3810  val_auroc 0.9612  412 img/s``"""
+    of = f"/{epochs}" if epochs else ""
+    return (f"{name:<{width}}  epoch {m['epoch']:>2}{of}  loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}"
+            f"  val_auroc {m['val_auroc']:.4f}  {m['images_per_s']:.0f} img/s")
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def replayed(m: dict) -> bool:
+    """A finished run's last epoch reported again after a restart (nothing was trained)."""
+    return m.get("started_at_epoch", 0) >= m["epoch"]
+
+
+def trial_label(config: dict) -> str:
+    """A trial's name from its Tune config: ``resnet10t-c1-s0`` for a search trial (arm,
+    configuration, seed), ``resnet10t-s2`` for a final run (arm, seed)."""
+    if "config_id" in config:
+        return f"{config['arm']}-c{config['config_id']}-s{config['seed']}"
+    return f"{config['arm']}-s{config['seed']}"
+
+
+class StudyProgress(tune.Callback):
+    """The console of a study phase. ``plans`` (trial plan key -> plan) gives each trial's epochs."""
+
+    def __init__(self, spec, phase: str, plans: dict):
+        self.phase, self.plans = phase, plans
+        self.metric, self.sign = spec.selection["metric"], 1 if spec.selection["mode"] == "max" else -1
+        self.width = max(len(p["arm"]) for p in plans.values()) + len("-c00-s0")
+        self.start = time.time()
+        self.epochs_seen = 0
+        self.best: dict[str, float] = {}
+        self.last_epoch: dict[str, int] = {}  # trial id -> last epoch heard
+        self.ended: dict[str, str] = {}  # trial id -> completed / stopped / failed
+
+    def _plan(self, trial) -> dict:
+        c = trial.config
+        return self.plans[f"{c['arm']}/{c.get('config_id', 'best')}/{c['seed']}"]
+
+    def _name(self, trial) -> str:
+        return f"{trial_label(trial.config):<{self.width}}"
+
+    def _planned_epochs(self, trial) -> int:
+        return self._plan(trial)["train"]["epochs"]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" not in result or replayed(result):
+            return
+        epochs = self._planned_epochs(trial)
+        print(epoch_line(self._name(trial), result, epochs, self.width), flush=True)
+        self.epochs_seen += 1
+        self.last_epoch[trial.trial_id] = int(result["epoch"])
+        value = result.get(self.metric)
+        arm = trial.config["arm"]
+        if value is not None and (arm not in self.best or self.sign * value > self.sign * self.best[arm]):
+            self.best[arm] = value
+        if result.get("done") and result["epoch"] < epochs:
+            self.ended[trial.trial_id] = "stopped"
+            print(f"{self._name(trial)}  stopped by ASHA at epoch {result['epoch']} ({self.metric} {value:.4f} "
+                  f"below its arm's rung)", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended.setdefault(trial.trial_id, "completed")
+        self._arm_line(trials, trial.config["arm"])
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = "failed"
+        where = trial.path or trial.local_path or "the Tune experiment directory"
+        print(f"{self._name(trial)}  FAILED; details in {where}/error.txt", file=sys.stderr, flush=True)
+        self._arm_line(trials, trial.config["arm"])
+
+    def _arm_line(self, trials, arm: str) -> None:
+        mine = [t for t in trials if t.config["arm"] == arm]
+        ended = [self.ended.get(t.trial_id) for t in mine]
+        running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in mine)
+        failed = f", {ended.count('failed')} failed" if "failed" in ended else ""
+        best = f"; best {self.metric} {self.best[arm]:.4f}" if arm in self.best else ""
+        elapsed = time.time() - self.start
+        left = sum(max(0, self._planned_epochs(t) - self.last_epoch.get(t.trial_id, 0))
+                   for t in trials if t.trial_id not in self.ended)
+        eta = f"; at most ~{clock(left * elapsed / self.epochs_seen)} left" if self.epochs_seen and left else ""
+        print(f"[{self.phase} {clock(elapsed)}] {arm}: {ended.count('completed')} completed, "
+              f"{ended.count('stopped')} stopped early{failed}, {running} running, of {len(mine)}{best}{eta}",
+              flush=True)
+
+
+def budget_lines(budget) -> str:
+    """The budget each arm consumed, in the columns a person compares (budget.csv has them all)."""
+    seconds = next(c for c in budget.columns if c.endswith("_seconds") and c != "wall_seconds")
+    lines = ["budget consumed per arm (budget.csv):"]
+    for r in budget.to_dict("records"):
+        lines.append(f"  {r['arm']:<24} {r['trials']} trials, {r['epochs']} epochs ({r['stopped_early']} trials "
+                     f"stopped early), {r[seconds]:.0f} {seconds.split('_')[0].upper()}-s in training loops")
+    return "\n".join(lines)
+
+
+def follow_history(uri: str, stop: threading.Event, name: str, epochs: int) -> None:
+    """Print each new row of a run's metrics.csv until ``stop`` is set (``cxr-ray train``)."""
+    printed = 0
+    while True:
+        finished = stop.wait(1.0)
+        if storage.exists(uri):
+            try:
+                rows = storage.read_csv(uri).to_dict("records")
+            except ValueError:  # being replaced this instant
+                rows = []
+            for m in rows:
+                if m["epoch"] > printed:
+                    print(epoch_line(name, m, epochs), flush=True)
+                    printed = int(m["epoch"])
+        if finished:
+            return
