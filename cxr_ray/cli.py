@@ -84,8 +84,8 @@ def cmd_study_resume(args) -> None:
 
 
 def cmd_study_status(args) -> None:
-    from . import study
-    print(study.status(args.dir))
+    from . import status
+    print(status.status(args.dir))
 
 
 def cmd_report(args) -> None:

@@ -14,6 +14,7 @@ import time
 from ray import tune
 
 from . import storage
+from .status import trial_label
 
 
 def epoch_line(name: str, m: dict, epochs: int | None = None, width: int = 24) -> str:
@@ -32,14 +33,6 @@ def clock(seconds: float) -> str:
 def replayed(m: dict) -> bool:
     """A finished run's last epoch reported again after a restart (nothing was trained)."""
     return m.get("started_at_epoch", 0) >= m["epoch"]
-
-
-def trial_label(config: dict) -> str:
-    """A trial's name from its Tune config: ``resnet10t-c1-s0`` for a search trial (arm,
-    configuration, seed), ``resnet10t-s2`` for a final run (arm, seed)."""
-    if "config_id" in config:
-        return f"{config['arm']}-c{config['config_id']}-s{config['seed']}"
-    return f"{config['arm']}-s{config['seed']}"
 
 
 class StudyProgress(tune.Callback):
@@ -117,8 +110,8 @@ def budget_lines(budget) -> str:
 
 
 def follow_history(uri: str, stop: threading.Event, name: str, epochs: int) -> None:
-    """Print each new row of a run's metrics.csv until ``stop`` is set (``cxr-ray train``)."""
-    printed = 0
+    """Print each row a run adds to its metrics.csv until ``stop`` is set (``cxr-ray train``)."""
+    printed = int(storage.read_csv(uri)["epoch"].max()) if storage.exists(uri) else 0  # a resumed run's past
     while True:
         finished = stop.wait(1.0)
         if storage.exists(uri):

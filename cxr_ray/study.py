@@ -13,7 +13,6 @@ trials and continues unfinished ones from their last Ray Train checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -27,9 +26,7 @@ from . import console, data, evaluation, runtime, spec as specs, storage, traini
 from .config import TrainConfig
 from .errors import CxrError
 from .scheduler import PerArmASHA, rung_milestones
-
-SEARCH, FINAL = "search", "final"
-
+from .status import FINAL, SEARCH, asha_stops, trial_id_of, trial_label
 
 class StudyError(CxrError, RuntimeError):
     """A study cannot start or continue; the message says why and what to run."""
@@ -59,12 +56,7 @@ def _plan_key(config: dict) -> str:
 
 def _trial_name(trial) -> str:
     """Tune's name and directory of a trial: ``resnet10t-c1-s0-<trial id>``."""
-    return f"{console.trial_label(trial.config)}-{trial.trial_id}"
-
-
-def trial_id_of(dirname: str) -> str:
-    """The Tune trial id at the end of a trial directory's name (``arm-c1-s0-<trial id>``)."""
-    return dirname.rsplit("-", 1)[-1]
+    return f"{trial_label(trial.config)}-{trial.trial_id}"
 
 
 def trial_resources(spec: specs.Spec) -> dict:
@@ -371,64 +363,3 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     return sdir
 
 
-def asha_stops(sdir: str) -> dict:
-    uri = storage.join(sdir, "asha_state.json")
-    return storage.read_json(uri)["stopped"] if storage.exists(uri) else {}
-
-
-# ----------------------------------------------------------------------------- status
-
-def status(sdir: str) -> str:
-    """Trials done / running / stopped per arm and the best so far, from what is on disk."""
-    sdir = storage.normalize(sdir)
-    if not storage.exists(storage.join(sdir, "spec.yaml")):
-        raise StudyError(f"{sdir}: not a study directory (no spec.yaml)")
-    spec = specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
-    lines = [f"study {spec.name} ({spec.hash}) at {sdir}"]
-    stops = asha_stops(sdir)
-    for phase in (SEARCH, FINAL):
-        state = _experiment_state(storage.join(sdir, phase), spec)
-        if state is None:
-            lines.append(f"{phase}: not started")
-            continue
-        lines.append(f"{phase}:")
-        metric = spec.selection["metric"]
-        for arm in spec.arm_names:
-            mine = [t for t in state if t["arm"] == arm]
-            counts = {}
-            for t in mine:
-                key = "stopped" if t["trial_id"] in stops else t["status"].lower()
-                counts[key] = counts.get(key, 0) + 1
-            scored = [t for t in mine if t.get(metric) is not None]
-            best = max(scored, key=lambda t: t[metric]) if scored else None
-            lines.append(f"  {arm:<24} " + "  ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                         + (f"  best {metric} {best[metric]:.4f} (config {best['config_id']}, epoch {best['epoch']})"
-                            if best else ""))
-    if storage.exists(storage.join(sdir, "summary.csv")):
-        lines.append("final evaluation:\n" + storage.read_csv(storage.join(sdir, "summary.csv")).to_string(index=False))
-    return "\n".join(lines)
-
-
-def _experiment_state(path: str, spec: specs.Spec) -> list[dict] | None:
-    """Trial status and last result from Tune's experiment directory, without restoring it."""
-    if not storage.exists(path):
-        return None
-    trials = []
-    for name in storage.listdir(path):
-        trial_dir = storage.join(path, name)
-        params = storage.join(trial_dir, "params.json")
-        if not storage.exists(params):
-            continue
-        t = storage.read_json(params)
-        last = {}
-        result_uri = storage.join(trial_dir, "result.json")
-        if storage.exists(result_uri):
-            lines = [ln for ln in storage.read_text(result_uri).splitlines() if ln.strip()]
-            last = json.loads(lines[-1]) if lines else {}
-        done = storage.exists(storage.join(trial_dir, "error.txt")) and "error" or None
-        epochs = last.get("epoch", 0)
-        target = spec.epochs_for(t["arm"]) if path.endswith(SEARCH) else spec.final_epochs_for(t["arm"])
-        status = done or ("terminated" if epochs >= target else "pending" if not last else "running")
-        trials.append({"arm": t["arm"], "config_id": t.get("config_id", "best"), "trial_id": trial_id_of(name),
-                       "status": status, "epoch": epochs, **{k: v for k, v in last.items() if k.startswith("val_")}})
-    return trials

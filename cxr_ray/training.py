@@ -210,14 +210,14 @@ class LocalWorld:
 
     engine, rank, size = "local", 0, 1
 
-    def __init__(self, name: str = "local"):
-        self.name, self.reports = name, []
+    def __init__(self, name: str = "local", label: str = ""):
+        self.name, self.label, self.reports = name, label or name, []
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def wrap(self, model, find_unused: bool):
         return model.to(self.device)
 
-    def report(self, metrics: dict) -> None:
+    def report(self, metrics: dict, checkpoint: str | None = None) -> None:
         self.reports.append(metrics)
 
 
@@ -228,11 +228,11 @@ class TuneWorld(LocalWorld):
 
     def __init__(self):
         from ray import tune
-        super().__init__(tune.get_context().get_trial_id())
+        super().__init__(tune.get_context().get_trial_id(), tune.get_context().get_trial_name())
         self._report = tune.report
 
-    def report(self, metrics: dict) -> None:
-        self._report(metrics)
+    def report(self, metrics: dict, checkpoint: str | None = None) -> None:
+        self._report(metrics)  # the checkpoint's URI is in the metrics; the loop finds its own on restart
 
 
 class TrainWorld:
@@ -245,6 +245,7 @@ class TrainWorld:
         import ray.train.torch
         ctx = ray.train.get_context()
         self.rank, self.size, self.name = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_experiment_name()
+        self.label = self.name
         self.device = ray.train.torch.get_device()
         self._train = ray.train
 
@@ -254,8 +255,11 @@ class TrainWorld:
         import ray.train.torch
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
 
-    def report(self, metrics: dict) -> None:
-        self._train.report(metrics)  # a barrier: every rank reports every epoch
+    def report(self, metrics: dict, checkpoint: str | None = None) -> None:
+        """A barrier: every rank reports every epoch. Rank 0's checkpoint is already in the run
+        directory, so Train registers it without copying (its Result and dashboard show it)."""
+        ckpt = self._train.Checkpoint(checkpoint) if checkpoint else None
+        self._train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=self._train.CheckpointUploadMode.NO_UPLOAD)
 
 
 # ----------------------------------------------------------------------------- gauges
@@ -365,7 +369,7 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
         if start_epoch >= cfg.epochs:
             # Finished, but whoever waited for it (a Tune trial) died before hearing so: say it again.
             # Nothing is trained or written; the record already holds every epoch.
-            world.report(last | {"started_at_epoch": start_epoch})
+            world.report(last | {"started_at_epoch": start_epoch}, saved[start_epoch] if rank == 0 else None)
             return
 
     y_train = labels[train_rows]
@@ -412,12 +416,17 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
             arrays["test_probabilities"] = predict_distributed(model, images, data["test"], norm, device, rank,
                                                                size, cuda)
         report["epoch_time_s"] = time.perf_counter() - start  # training, validation and (below) the record
+        checkpoint = None
         if rank == 0:
-            report["checkpoint_path"] = record_epoch(run_dir, report, model, optimizer, scheduler, cfg, norm,
-                                                     arrays, keep_checkpoints)
+            checkpoint = record_epoch(run_dir, report, model, optimizer, scheduler, cfg, norm, arrays,
+                                      keep_checkpoints)
+            report["checkpoint_path"] = checkpoint
+            # The process's own log (the dashboard's Actors view), not the console: the driver prints that.
+            print(f"[{world.label}] epoch {epoch + 1}/{cfg.epochs}  train_loss {report['train_loss']:.4f}  "
+                  f"val_auroc {report['val_auroc']:.4f}  -> {checkpoint}", flush=True)
             if ray.is_initialized():
                 export_gauges(cfg, world.name, report)
-        world.report(report)
+        world.report(report, checkpoint)
 
 
 def run_in_trial(cfg: TrainConfig, data_ref, run_dir: str, keep_checkpoints: int = 2) -> None:

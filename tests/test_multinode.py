@@ -1,5 +1,6 @@
 """Two Ray nodes on this machine: a study submitted through the Jobs API runs its trials on the
-worker node, the worker node is killed mid-trial, a replacement joins, and the study finishes.
+worker node, the worker node is killed mid-trial, a replacement joins, and the study finishes,
+on both trial engines (the loop in the Tune trial, or a Ray Train run per trial).
 
 The head and both worker nodes are started by this test (`ray start --block` in sessions of their
 own, private ports and temp dir) and only they are stopped: never `ray stop`.
@@ -32,7 +33,8 @@ search_space:
   lr: {{loguniform: [1e-3, 1e-2]}}
 fixed: {{batch_size: 32}}
 budget: {{samples_per_arm: 1, max_epochs: {EPOCHS}, grace_period: 1, reduction_factor: 2}}
-resources: {{workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2, worker_resources: {{trainer: 1}}}}
+resources: {{workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2, worker_resources: {{trainer: 1}},
+            engine: ENGINE}}
 final: {{seeds: [0], bootstrap: 100}}
 """
 
@@ -116,28 +118,28 @@ def cluster(tmp_path_factory, study_env):
 
 
 def search_in_progress(study: Path) -> bool:
-    """A search trial has committed a checkpoint for some but not all epochs. Read from Ray Train's
-    checkpoint snapshots on the shared storage, written as each report is registered (Tune syncs its
-    own result files later)."""
+    """A search trial has recorded some but not all of its epochs (its run's metrics.csv, written
+    on the shared storage before each epoch is reported)."""
     if (study / "trials.csv").exists():
         return False
-    for snapshot in study.glob("runs/*/checkpoint_manager_snapshot.json"):
+    for history in study.glob("runs/*/metrics.csv"):
         try:
-            results = json.loads(snapshot.read_text())["checkpoint_results"]
+            epochs = pd.read_csv(history)["epoch"]
         except (OSError, ValueError, KeyError):
             continue  # being written
-        if any(1 <= r["metrics"]["epoch"] < EPOCHS for r in results):
+        if len(epochs) and 1 <= epochs.max() < EPOCHS:
             return True
     return False
 
 
-def test_study_runs_on_the_worker_node_and_survives_losing_it(cluster, tmp_path):
+@pytest.mark.parametrize("engine", ["tune", "train"])
+def test_study_runs_on_the_worker_node_and_survives_losing_it(cluster, tmp_path, engine):
     head = cluster.wait_nodes(1)[0]["id"]
     first = cluster.start_worker("worker1.log")
     nodes = cluster.wait_nodes(2, trainers=1)
     worker1 = next(n["id"] for n in nodes if n["id"] != head)
     spec, storage = tmp_path / "multinode.yaml", tmp_path / "shared"
-    spec.write_text(SPEC)
+    spec.write_text(SPEC.replace("ENGINE", engine))
     submitted = cluster.job("submit", "--no-wait", "--", CLI[0], "study", "run", str(spec), "--storage",
                             str(storage), "--no-report")
     job_id = next(w.strip("'") for w in submitted.split() if w.strip("'").startswith("raysubmit_"))

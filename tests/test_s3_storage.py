@@ -1,17 +1,18 @@
-"""A study whose storage is S3: run, status, report and serve work on an s3:// study directory.
+"""A study whose storage is S3: run, status, report and serve work on an s3:// study directory,
+on both trial engines.
 
 The S3 endpoint is a moto server on 127.0.0.1 (real HTTP, real pyarrow S3 client, real Ray study);
-AWS_ENDPOINT_URL points every process of the study (driver, Tune, Train workers) at it.
+AWS_ENDPOINT_URL points every process of the study (driver, Tune trials, Train workers) at it.
 """
 from __future__ import annotations
 
 import subprocess
 
+import moto.server as moto_server
 import pytest
 
 from conftest import CLI, TINY_SPEC
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] (test extra) not installed")
 pytestmark = pytest.mark.e2e
 
 SPEC = (TINY_SPEC.replace("name: tiny", "name: on_s3").replace("arms: [lcnet_050, mobilenetv3_small_050]",
@@ -35,15 +36,16 @@ def s3_env(study_env, monkeypatch):
     server.stop()
 
 
-def test_study_report_and_serving_on_s3(s3_env, tmp_path):
+@pytest.mark.parametrize("engine", ["tune", "train"])
+def test_study_report_and_serving_on_s3(s3_env, tmp_path, engine):
     from cxr_ray import serving, storage
     assert "arms: [lcnet_050]" in SPEC and "samples_per_arm: 2, max_epochs: 2" in SPEC  # TINY_SPEC unchanged
     spec = tmp_path / "on_s3.yaml"
-    spec.write_text(SPEC)
-    run = subprocess.run(CLI + ["study", "run", str(spec), "--storage", "s3://cxr-studies/team"], env=s3_env,
+    spec.write_text(SPEC.replace("max_concurrent_trials: 2}", f"max_concurrent_trials: 2, engine: {engine}}}"))
+    run = subprocess.run(CLI + ["study", "run", str(spec), "--storage", f"s3://cxr-studies/{engine}"], env=s3_env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    study = "s3://cxr-studies/team/on_s3"
+    study = f"s3://cxr-studies/{engine}/on_s3"
     assert not (tmp_path / "runs").exists()  # nothing landed on local disk instead
 
     # The layout on S3 is the one a local study has.
@@ -67,7 +69,7 @@ def test_study_report_and_serving_on_s3(s3_env, tmp_path):
 
     # Serving fetches the best checkpoint from S3 and scores with it.
     choice = serving.choose_model(study)
-    assert choice.identity["arm"] == "lcnet_050" and choice.identity["study_dir"] == study
+    assert choice.identity["arm"] == "lcnet_050" and choice.identity["study"] == "on_s3"
     predictor = serving.Predictor(choice)
     import numpy as np
     p = predictor.probabilities([np.full((32, 32), 128, np.uint8)])

@@ -1,4 +1,5 @@
-"""Ray Train fine-tuning on local Ray: DDP on CPU (gloo), checkpoints, worker crash, kill and resume."""
+"""Ray Train fine-tuning on local Ray: DDP on CPU (gloo), the run's record (history and checkpoints),
+the dashboard's Train view and Prometheus gauges, a crashed worker, a killed `cxr-ray train`."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+import torch
 
-from conftest import CLI, kill_session
+from conftest import CLI, dashboard_get, kill_session, scrape_metrics
 from cxr_ray import config, data, metrics, models, runtime, training
 
 pytestmark = pytest.mark.e2e
@@ -28,91 +30,89 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_ray():
     started = not ray.is_initialized()
-    runtime.connect(num_cpus=2, quiet=True)
-    yield
+    url = runtime.connect(num_cpus=2, quiet=True)
+    yield url
     if started:
         ray.shutdown()
 
 
 def train_config(**kw) -> config.TrainConfig:
     return config.TrainConfig(**({"backbone": "lcnet_050", "image_size": SIZE, "epochs": 2, "batch_size": 32,
-                                    "lr": 3e-3} | kw))
-
-
-def scrape_throughput_gauge(found: list, done: threading.Event) -> None:
-    """Poll this node's Prometheus endpoint while a run trains (Ray exports worker metrics every few seconds
-    and drops them about 20 s after the worker exits, so the scrape has to happen during the run)."""
-    import requests
-    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
-    grace = None
-    while grace is None or (not found and time.time() < grace):  # up to 15 s more after the run
-        time.sleep(1)
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        found += [ln for ln in text.splitlines() if ln.startswith("ray_cxr_ray_train_images_per_second{")]
-        if done.is_set() and grace is None:
-            grace = time.time() + 15
+                                  "lr": 3e-3} | kw))
 
 
 def read_log(path) -> pd.DataFrame:
     return pd.read_csv(path) if os.path.exists(path) else pd.DataFrame(columns=["epoch"])
 
 
-def test_ddp_two_workers_report_every_epoch_and_checkpoint_reproduces_val_auroc(prepared, local_ray, tmp_path):
+def test_ddp_run_records_every_epoch_and_its_checkpoint_reproduces_val_auroc(prepared, local_ray, tmp_path):
     ref = runtime.put_data(prepared)
-    log = tmp_path / "metrics.csv"
+    run_dir = tmp_path / "ddp"
     scraped, done = [], threading.Event()
-    scraper = threading.Thread(target=scrape_throughput_gauge, args=(scraped, done))
+    gauges = ("ray_cxr_ray_train_images_per_second{", "ray_cxr_ray_trial_epoch{", "ray_cxr_ray_trial_metric{")
+    scraper = threading.Thread(target=scrape_metrics, args=(gauges, scraped, done))
     scraper.start()
     try:
-        result = training.fit(train_config(), ref, name="ddp", storage_path=str(tmp_path), workers=2,
-                              callbacks=[training.EpochLog(str(log))])
+        result = training.fit(train_config(), ref, name="ddp", storage_path=str(tmp_path), workers=2)
     finally:
         done.set()
         scraper.join()
-    # Rank 0's throughput gauge reached the metrics-export port (what Grafana and Prometheus scrape).
-    assert any('trial="ddp"' in ln and float(ln.rsplit(" ", 1)[1]) > 0 for ln in scraped), scraped
-    rows = read_log(log)
-    assert rows["epoch"].tolist() == [1, 2]
+    assert result.error is None
+    # Rank 0's gauges reached the metrics-export port (what Grafana and Prometheus scrape), tagged by run.
+    for gauge in gauges:
+        assert any(ln.startswith(gauge) and 'trial="ddp"' in ln and float(ln.rsplit(" ", 1)[1]) > 0
+                   for ln in scraped), (gauge, scraped)
+    assert any('metric="val_auroc"' in ln for ln in scraped)
+    # The dashboard's Train view lists the run (Ray keeps it empty unless state tracking is on).
+    runs = dashboard_get(local_ray, "/api/train/v2/runs/v1").json()["train_runs"]  # the Train V2 view
+    assert any(r["name"] == "ddp" and r["status"] == "FINISHED" for r in runs), [(r["name"], r["status"])
+                                                                                for r in runs]
+
+    rows = read_log(run_dir / "metrics.csv")
+    assert rows["epoch"].tolist() == [1, 2] and set(rows["engine"]) == {"train"}
     for key in ("train_loss", "val_loss", "val_auroc", "val_sensitivity", "val_specificity", "val_f1",
                 "val_accuracy_youden", "val_f1_youden", "threshold", "images_per_s", "data_wait_fraction"):
         assert rows[key].notna().all(), key
+    # One checkpoint per epoch at a path known before the epoch was reported; the newest two are kept.
+    saved = training.checkpoints(str(run_dir))
+    assert sorted(saved) == [1, 2] and rows["checkpoint"].tolist() == [saved[1], saved[2]]
     # The checkpoint loads into a fresh model and reproduces the reported validation AUROC on the
     # FULL validation split (each worker scored half of it; the report gathers both halves).
-    model, meta = models.load_checkpoint(result.checkpoint.path)
+    model, meta = models.load_checkpoint(saved[2])
     val = prepared.rows["val"]
-    probs = models.predict(model, prepared.cache.images, val, (meta["mean"], meta["std"]), torch_device())
+    probs = models.predict(model, prepared.cache.images, val, (meta["mean"], meta["std"]), torch.device("cpu"))
     y = prepared.cache.index["label"].to_numpy()[val]
-    saved = np.load(os.path.join(result.checkpoint.path, "val_probabilities.npy"))
-    np.testing.assert_allclose(probs, saved, atol=1e-5)  # float noise from other batch shapes only
-    assert metrics.auroc(y, saved) == pytest.approx(rows["val_auroc"].iloc[-1], abs=1e-9)
+    on_disk = np.load(os.path.join(saved[2], "val_probabilities.npy"))
+    np.testing.assert_allclose(probs, on_disk, atol=1e-5)  # float noise from other batch shapes only
+    assert metrics.auroc(y, on_disk) == pytest.approx(rows["val_auroc"].iloc[-1], abs=1e-9)
     assert meta["epoch"] == 2 and meta["image_size"] == SIZE and meta["threshold"] == rows["threshold"].iloc[-1]
-    assert sorted(os.listdir(result.checkpoint.path)) == ["meta.json", "model.safetensors", "train_state.pt",
-                                                          "val_probabilities.npy"]
+    assert sorted(os.listdir(saved[2])) == ["meta.json", "model.safetensors", "train_state.pt",
+                                            "val_probabilities.npy"]
 
     # Launching the finished run again trains nothing and reports its last epoch once more (what a
     # resumed study needs when its driver died after the run's last checkpoint).
-    checkpoints = sorted(p.name for p in (tmp_path / "ddp").glob("checkpoint_*"))
-    again = training.fit(train_config(), ref, name="ddp", storage_path=str(tmp_path), workers=2,
-                         callbacks=[training.EpochLog(str(log))])
-    assert again.checkpoint.path == result.checkpoint.path and again.metrics["epoch"] == 2
-    assert sorted(p.name for p in (tmp_path / "ddp").glob("checkpoint_*")) == checkpoints  # nothing new written
-    pd.testing.assert_frame_equal(read_log(log), rows)  # the history is untouched
+    again = training.fit(train_config(), ref, name="ddp", storage_path=str(tmp_path), workers=2)
+    assert again.metrics["epoch"] == 2 and again.metrics["started_at_epoch"] == 2
+    assert training.checkpoints(str(run_dir)) == saved  # nothing new written
+    pd.testing.assert_frame_equal(read_log(run_dir / "metrics.csv"), rows)  # the history is untouched
 
 
-def torch_device():
-    import torch
-    return torch.device("cpu")
+def test_keep_checkpoints_drops_the_oldest(prepared, local_ray, tmp_path):
+    training.fit(train_config(epochs=4, augment=False), runtime.put_data(prepared), name="keep",
+                 storage_path=str(tmp_path), workers=1, keep_checkpoints=2)
+    assert sorted(training.checkpoints(str(tmp_path / "keep"))) == [3, 4]
+    assert read_log(tmp_path / "keep" / "metrics.csv")["epoch"].tolist() == [1, 2, 3, 4]
 
 
 def test_crashed_worker_is_restarted_from_the_last_checkpoint(prepared, local_ray, tmp_path):
-    """FailureConfig: kill the Train worker process mid-run; the run continues from its checkpoint."""
+    """Train's FailureConfig: kill the Train worker process mid-run; the run continues from its checkpoint."""
     from ray.util.state import list_actors
     ref = runtime.put_data(prepared)
-    log = tmp_path / "metrics.csv"
+    log = tmp_path / "crash" / "metrics.csv"
     box = {}
     thread = threading.Thread(target=lambda: box.update(result=training.fit(
-        train_config(epochs=6, augment=False), ref, name="crash", storage_path=str(tmp_path), workers=1, max_failures=2,
-        callbacks=[training.EpochLog(str(log))])))
+        train_config(epochs=6, augment=False), ref, name="crash", storage_path=str(tmp_path), workers=1,
+        max_failures=2)))
     thread.start()
     deadline = time.time() + 180
     while len(read_log(log)) < 2 and time.time() < deadline:
@@ -126,6 +126,7 @@ def test_crashed_worker_is_restarted_from_the_last_checkpoint(prepared, local_ra
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6] and box["result"].error is None
     # The replacement worker group continued from the last checkpoint (epoch 2 or later), not from 0.
     assert history["started_at_epoch"].iloc[0] == 0 and history["started_at_epoch"].iloc[-1] >= 2
+    assert history["pid"].nunique() == 2  # two worker processes wrote the record
 
 
 def test_killed_train_command_resumes_at_the_next_epoch(tmp_path, study_env):
@@ -149,5 +150,9 @@ def test_killed_train_command_resumes_at_the_next_epoch(tmp_path, study_env):
     assert second.returncode == 0, second.stderr[-3000:]
     history = read_log(log)
     assert history["epoch"].tolist() == [1, 2, 3, 4]
-    assert set(history["started_at_epoch"].iloc[done:]) <= {done, done + 1}  # resumed, not restarted
-    assert "epoch   1 " not in second.stdout + second.stderr  # did not start over
+    # Resumed from the newest checkpoint: epoch `done`'s, or the one before when the kill fell between
+    # the epoch's history row and its checkpoint (the row is written first, then replaced on retraining).
+    assert set(history["started_at_epoch"].iloc[done:]) <= {done - 1, done}
+    printed = [ln for ln in second.stdout.splitlines() if " epoch " in ln]
+    assert [ln.split(" epoch ")[1].split("/")[0].strip() for ln in printed] == [str(e) for e in range(done + 1, 5)]
+    assert "last checkpoint:" in second.stdout and "checkpoint_000004" in second.stdout
