@@ -178,6 +178,39 @@ CLI = [str(REPO_ROOT / ".venv" / "bin" / "cxr-ray")] if (REPO_ROOT / ".venv" / "
     else ["cxr-ray"]
 
 
+def dashboard_get(url: str, path: str, **params):
+    """GET from a Ray dashboard's HTTP API with the cluster's token (Ray 2.60 keeps token auth on)."""
+    import os
+
+    import requests
+    token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
+    response = requests.get(url.rstrip("/") + path, params=params, timeout=30,
+                            headers={"Authorization": f"Bearer {token}"})
+    response.raise_for_status()
+    return response
+
+
+def scrape_metrics(prefixes: tuple[str, ...], found: list, done, grace: float = 15) -> None:
+    """Poll this node's Prometheus endpoint (what Grafana and any scraper read) while a run trains,
+    collecting the lines of the named metrics; Ray exports worker metrics every few seconds and
+    drops them some 20 s after the worker exits, so the scrape runs during the run and up to
+    ``grace`` seconds after ``done`` is set, until every prefix was seen."""
+    import time
+
+    import ray
+    import requests
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    until = None
+    while until is None or time.time() < until:
+        time.sleep(1)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found += [ln for ln in text.splitlines() if ln.startswith(prefixes)]
+        if all(any(ln.startswith(p) for ln in found) for p in prefixes) and done.is_set():
+            return
+        if done.is_set() and until is None:
+            until = time.time() + grace
+
+
 def session_pids(sid: int) -> list[int]:
     """Processes of a session: a CLI started with start_new_session and the local Ray it started."""
     pids = []
@@ -348,3 +381,19 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
 def fake_study_dir(tmp_path_factory) -> Path:
     """A finished three-arm study directory (see write_fake_study); copy it before changing it."""
     return write_fake_study(tmp_path_factory.mktemp("fake-study") / "fake")
+
+
+# ----------------------------------------------------------------------------- browser
+
+def chromium() -> str:
+    """The Chromium binary for the browser tests. Missing, the test is skipped on a developer's
+    machine but fails under CI (CI=true), where .ci/run installs it: a green CI must have run them."""
+    import os
+    import shutil
+    for candidate in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    message = "chromium is not installed (apt-get install chromium; .ci/run installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
