@@ -20,7 +20,7 @@ Multi-frame files (multi-frame DICOM, APNG, MPO) are refused: the cache and the 
 one policy. JPEGs decode through libjpeg-turbo in strict mode, so data that ends early (even when
 an end marker follows) is refused instead of padded with grey.
 
-``python -m cxr_ray.imaging SIZE`` runs a decoder process for the server (see ``serve_worker``).
+``python -m cxr_ray.imaging SIZE MEMORY_MB`` runs a decoder process for the server (see ``serve_worker``).
 """
 from __future__ import annotations
 
@@ -337,8 +337,8 @@ def _dicom(data: bytes, size: int, name: str) -> tuple[np.ndarray, int, int]:
         pixels = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - compressed syntaxes without a decoder, short pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise ImageError(f"{name}: cannot decode the DICOM pixel data (transfer syntax {syntax}; uncompressed "
-                         "and RLE are supported)", repr(e)) from None
+        raise ImageError(f"{name}: DICOM pixel data cannot be decoded: truncated, or transfer syntax {syntax} "
+                         "(uncompressed and RLE are supported)", repr(e)) from None
     if pixels.shape != (rows, cols) or pixels.dtype.kind not in "ui":
         raise ImageError(f"{name}: DICOM pixel data does not match its header", f"{pixels.shape} {pixels.dtype}")
     unsigned = f"u{pixels.dtype.itemsize}"
@@ -360,11 +360,13 @@ _DECODERS = {"jpeg": _jpeg, "png": _png, "dicom": _dicom}
 
 # ----------------------------------------------------------------------------- decoder process
 
-def serve_worker(size: int) -> None:
+def serve_worker(size: int, memory_mb: int) -> None:
     """Decode requests from stdin, answer on stdout, until stdin closes: the server's decoder
     process, so a decode that overruns its time can be killed and a decoder crash or memory
-    blow-up costs this process, not the replica. JSON and raw bytes only (no pickle): a
-    compromised decoder cannot make the replica run code.
+    blow-up costs this process, not the replica. Its address space is capped at what it holds
+    after start-up plus ``memory_mb`` (Linux), so an allocation beyond the header bounds fails
+    here with MemoryError. JSON and raw bytes only (no pickle): a compromised decoder cannot make
+    the replica run code.
 
     Request: ``>II`` (name length, data length), name (UTF-8), data.
     Reply: ``>BI`` (kind, payload length), payload: kind 0 = ``>II`` width, height + size*size
@@ -377,6 +379,12 @@ def serve_worker(size: int) -> None:
     import pydicom  # noqa: F401 - imported before the first request, not during it
     import simplejpeg  # noqa: F401
 
+    if sys.platform == "linux":
+        import resource
+        with open("/proc/self/status") as status:
+            vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+        cap = vm + memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints of libraries go to stderr, never into the reply stream
     stdin = sys.stdin.buffer
@@ -405,4 +413,4 @@ def serve_worker(size: int) -> None:
 
 
 if __name__ == "__main__":
-    serve_worker(int(sys.argv[1]))
+    serve_worker(int(sys.argv[1]), int(sys.argv[2]))

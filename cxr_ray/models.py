@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -85,16 +86,29 @@ def build_model(backbone: str, *, head: str = "linear", hidden: int = 16, dropou
     """Create the classifier. ``pretrained``: False, True (timm hub) or a local weights path."""
     check_backbone(backbone)
     kwargs: dict = {"in_chans": 1, "num_classes": 0}
+    pretrained_path = pretrained
     weights_file = None
     cfg = timm.get_pretrained_cfg(backbone)
     if cfg and cfg.fixed_input_size:
         kwargs["img_size"] = image_size  # ViTs: position embeddings are resampled to this size
+    saved, staging = None, None
     if isinstance(pretrained, str):
         if not os.path.isfile(pretrained):
             raise ModelError(f"pretrained weights file {pretrained!r} not found")
         if not pretrained.endswith((".safetensors", ".pth", ".pt", ".bin")):
             raise ModelError(f"pretrained weights file {pretrained!r}: expected .safetensors or .pth")
         weights_file = os.path.abspath(pretrained)
+        try:  # a weights file is data, never code: torch.load(weights_only=True) refuses pickled objects
+            saved = timm.models.load_state_dict(weights_file, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling refused, corrupt archive, not a state dict
+            raise ModelError(f"pretrained weights file {pretrained!r} cannot be loaded as plain tensors "
+                             f"({type(e).__name__}: {str(e)[:300]}); save a state_dict or .safetensors") from None
+        if not all(isinstance(v, torch.Tensor) for v in saved.values()):
+            raise ModelError(f"pretrained weights file {pretrained!r} holds more than tensors; save a state_dict")
+        if not weights_file.endswith(".safetensors"):  # timm itself is only ever handed safetensors
+            staging = tempfile.TemporaryDirectory(prefix="cxr-ray-weights-")
+            weights_file = os.path.join(staging.name, "weights.safetensors")
+            save_file({k: v.detach().clone().contiguous() for k, v in saved.items()}, weights_file)
         kwargs["pretrained_cfg_overlay"] = {"file": weights_file}
         pretrained = True
     elif pretrained and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
@@ -110,15 +124,17 @@ def build_model(backbone: str, *, head: str = "linear", hidden: int = 16, dropou
         net = timm.create_model(backbone, pretrained=bool(pretrained), **kwargs)
     except (RuntimeError, OSError, KeyError) as e:
         raise ModelError(f"could not load weights for {backbone}: {e}") from None
-    if weights_file:
-        _check_file_covers(net, weights_file, backbone)
+    finally:
+        if staging:
+            staging.cleanup()
+    if saved is not None:
+        _check_file_covers(net, saved, str(pretrained_path), backbone)
     return Classifier(net, head, hidden, dropout)
 
 
-def _check_file_covers(net: nn.Module, path: str, backbone: str) -> None:
+def _check_file_covers(net: nn.Module, saved: dict, path: str, backbone: str) -> None:
     """timm loads a weights file non-strictly (the classifier is dropped), so tensors the file
     lacks would silently keep their random init: refuse such a file instead."""
-    saved = timm.models.load_state_dict(path)
     missing = [k for k in net.state_dict() if k not in saved and not k.endswith("num_batches_tracked")]
     if missing:
         raise ModelError(

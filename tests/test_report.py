@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import FAKE_BEST_ARM, write_fake_study
+from conftest import FAKE_BEST_ARM, chromium, write_fake_study
 from cxr_ray import report, storage
 
 SECTIONS = ["Verdict", "Fairness audit", "Tables", "Figures", "Reproduction"]
@@ -219,14 +219,8 @@ def test_remote_study_uploads_under_report(fake_study_dir, tmp_path, monkeypatch
     assert not list(sdir.glob(".report-*"))
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or (("/usr/bin/chromium") if Path("/usr/bin/chromium").exists() else None)
-
-
 def test_report_renders_in_headless_chromium(finished, tmp_path):
     browser_path = chromium()
-    if not browser_path:
-        pytest.skip("chromium is not installed (.ci/run installs it with apt-get)")
     from playwright.sync_api import sync_playwright
 
     args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
