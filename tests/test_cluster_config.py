@@ -8,8 +8,10 @@ No network, no cloud calls.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -84,11 +86,9 @@ def test_launcher_config_passes_rays_validator(path):
         lambda c: c.__setitem__("max_worker", c.pop("max_workers")),
         lambda c: c["available_node_types"][c["head_node_type"]].__setitem__("min_worker", 0),
         lambda c: c["docker"].__setitem__("run_option", c["docker"].pop("run_options")),
-        lambda c: c["provider"]["security_group"].__setitem__(
-            "IpPermission", c["provider"]["security_group"].pop("IpPermissions")
-        ),
+        lambda c: c["auth"].__setitem__("ssh_usr", c["auth"].pop("ssh_user")),
     ],
-    ids=["top-level", "node-type", "docker", "security-group"],
+    ids=["top-level", "node-type", "docker", "auth"],
 )
 def test_typo_key_fails_validation(mutate):
     config = load(AWS)
@@ -144,13 +144,85 @@ def test_gcp_gpu_worker_has_guest_accelerator():
         assert t["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE"
 
 
-def test_aws_security_group_opens_only_ssh():
-    group = load(AWS)["provider"]["security_group"]
-    rules = group["IpPermissions"]
-    assert rules
-    for rule in rules:
-        assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22), rule
-        assert "UserIdGroupPairs" not in rule and "PrefixListIds" not in rule
+AWS_POLICIES = {who: REPO / "deploy" / "aws" / f"iam-{who}-policy.json" for who in ("head", "worker")}
+
+
+def statements(who: str) -> list[dict]:
+    return json.loads(AWS_POLICIES[who].read_text())["Statement"]
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def test_aws_nodes_use_the_shipped_security_group_so_the_launcher_opens_nothing():
+    """With SecurityGroupIds on every node type Ray creates no group (its own would admit SSH from
+    0.0.0.0/0); the group itself comes from deploy/aws/setup.sh."""
+    config = load(AWS)
+    assert "security_group" not in config["provider"]
+    for t in config["available_node_types"].values():
+        assert t["node_config"]["SecurityGroupIds"] == ["sg-REPLACE-ME"]
+    assert not any("0.0.0.0/0" in value for value in strings(config))
+
+
+def test_aws_profiles_are_the_least_privilege_ones():
+    _, gpu = head_and_gpu_types(load(AWS))
+    head = load(AWS)["available_node_types"][load(AWS)["head_node_type"]]
+    assert head["node_config"]["IamInstanceProfile"]["Arn"].endswith(":instance-profile/cxr-ray-head")
+    (worker,) = gpu.values()
+    assert worker["node_config"]["IamInstanceProfile"]["Arn"].endswith(":instance-profile/cxr-ray-worker")
+    for who in ("head", "worker"):
+        for st in statements(who):
+            assert st["Effect"] == "Allow"
+            for action in as_list(st["Action"]):
+                assert "*" not in action, (who, action)  # no service:* or *
+            if any(a.startswith("s3:") for a in as_list(st["Action"])):
+                assert all(r.startswith("arn:aws:s3:::YOUR-BUCKET") for r in as_list(st["Resource"])), st
+    worker_actions = {a for st in statements("worker") for a in as_list(st["Action"])}
+    assert worker_actions == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+    head = statements("head")
+    (pass_role,) = [st for st in head if "iam:PassRole" in as_list(st["Action"])]
+    assert pass_role["Resource"] == "arn:aws:iam::ACCOUNT_ID:role/cxr-ray-worker"
+    assert {a for st in head for a in as_list(st["Action"]) if a.startswith("iam:")} == {"iam:PassRole"}
+    for st in head:  # every EC2 action that changes an instance is bound to this cluster's tag
+        changes = {"ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"} & set(as_list(st["Action"]))
+        if changes:
+            assert st["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == "cxr-ray"
+    (launch,) = [st for st in head if st["Resource"] == "arn:aws:ec2:*:ACCOUNT_ID:instance/*"
+                 and as_list(st["Action"]) == ["ec2:RunInstances"]]
+    assert launch["Condition"]["StringEquals"]["aws:RequestTag/ray-cluster-name"] == load(AWS)["cluster_name"]
+
+
+@pytest.mark.parametrize("script, args", [
+    ("deploy/aws/setup.sh", ["--bucket", "study-bucket"]),
+    ("deploy/gcp/setup.sh", ["--project", "p1", "--bucket", "study-bucket"]),
+], ids=["aws", "gcp"])
+def test_setup_scripts_open_ssh_to_the_given_range_only(script, args):
+    run = subprocess.run(["bash", str(REPO / script), *args, "--cidr", "198.51.100.7/32", "--dry-run"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    commands = (run.stdout + run.stderr).splitlines()
+    ingress = [c for c in commands if "authorize-security-group-ingress" in c or "firewall-rules create" in c]
+    assert ingress and not any("0.0.0.0/0" in c for c in commands)
+    ssh = [c for c in ingress if "22" in c and ("CidrIp=" in c or "--source-ranges" in c)]
+    assert len(ssh) == 1 and "198.51.100.7/32" in ssh[0], ingress
+    open_run = subprocess.run(["bash", str(REPO / script), *args, "--cidr", "0.0.0.0/0", "--dry-run"],
+                              capture_output=True, text=True, timeout=60)
+    assert open_run.returncode != 0 and "refusing" in open_run.stderr
+
+
+def test_gcp_nodes_use_the_setup_network_and_their_own_service_accounts():
+    config = ray_validate(load(GCP))
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]["node_config"]
+    assert head["serviceAccounts"][0]["email"].startswith("cxr-ray-head@")
+    for name, t in types.items():
+        node = t["node_config"]
+        (interface,) = node["networkInterfaces"]
+        assert interface["network"].endswith("/networks/cxr-ray-net"), name
+        assert node["tags"]["items"] == ["cxr-ray"], name
+        if name != config["head_node_type"]:
+            assert node["serviceAccounts"][0]["email"].startswith("cxr-ray-worker@")
 
 
 @LAUNCHER
@@ -268,4 +340,7 @@ def test_rayservice_deploys_serve_app_from_a_study_dir():
     assert re.fullmatch(r"s3://[^/\s]+/\S+/[^/\s]+", app["args"]["study_dir"])
     # 0.0.0.0 inside the pod; exposure is the ClusterIP Service's business (see the file)
     assert serve["http_options"]["host"] == "0.0.0.0"
+    # the app's Host allowlist names the Service KubeRay creates (<name>-serve-svc)
+    service = load(RAYSERVICE)["metadata"]["name"] + "-serve-svc"
+    assert service in app["args"]["allowed_hosts"].split(",") and app["args"]["host"] == "0.0.0.0"
     assert "serveService" not in spec or spec["serveService"]["spec"].get("type") == "ClusterIP"
