@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 SAMPLE = DATA / "chest_xray_original_sample"
@@ -52,19 +54,6 @@ def cpu_seconds() -> float:
     """CPU time of this process (all threads) plus its reaped children (the pool's workers)."""
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + c.ru_utime + c.ru_stime
-
-
-def cpu_pressure() -> str:
-    """Linux PSI: share of the last 10 s in which some runnable task waited for a CPU."""
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return "cpu pressure " + line.split()[1].replace("avg10=", "") + "% (avg10)"
-    except (OSError, IndexError):
-        return "cpu pressure n/a"
-
-
-def machine() -> str:
-    return (f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {cpu_pressure()}")
 
 
 def main() -> int:

@@ -238,6 +238,20 @@ def best_configs(summary: pd.DataFrame, spec: specs.Spec, configs: list[dict]) -
     return best
 
 
+def phase_efficiency(trials: pd.DataFrame, spec: specs.Spec, start: float, end: float) -> dict:
+    """How busy the phase kept its trial slots: time in training loops of the epochs that finished
+    during this run of the phase, over wall time x concurrent trials (1.0: no start-up, no idle slot)."""
+    slots = spec.resources["max_concurrent_trials"]
+    mine = trials[(trials["finished_at"] >= start) & (trials["finished_at"] <= end)] if "finished_at" in trials \
+        else trials.iloc[:0]
+    in_loop = float(mine["epoch_time_s"].sum()) if len(mine) else 0.0
+    wall = end - start
+    efficiency = in_loop / (wall * slots) if wall > 0 else float("nan")
+    print(f"{'search' if (trials['phase'] == SEARCH).all() else 'final'} phase: {wall:.0f} s wall, "
+          f"{in_loop:.0f} s in training loops over {slots} trial slot(s): efficiency {efficiency:.2f}", flush=True)
+    return {"wall_s": wall, "in_loop_s": in_loop, "slots": slots, "efficiency": efficiency}
+
+
 # ----------------------------------------------------------------------------- driver
 
 def study_dir(spec: specs.Spec, out: str | None, storage_root: str | None) -> str:
@@ -329,8 +343,11 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     print(f"search: {len(spec.arm_names)} arms x {len(configs)} configurations = {len(plans)} trials, "
           f"up to {spec.budget['max_epochs']} epochs each, {spec.resources['max_concurrent_trials']} at a time "
           f"(engine {spec.engine})", flush=True)
+    phases = {}
+    t0 = time.time()
     results = phase_tuner(spec, sdir, SEARCH, plans, data_ref).fit()
     trials = collect_trials(results, sdir, SEARCH, plans)
+    phases[SEARCH] = phase_efficiency(trials, spec, t0, time.time())
     stops = asha_stops(sdir)
     summary = trial_summary(trials, spec, stops)
     budget = budget_table(summary, spec)
@@ -344,15 +361,17 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     # Phase 3: final multi-seed training on the best configuration of each arm.
     fplans = final_plans(spec, best)
     print(f"\nfinal: {len(spec.arm_names)} arms x {len(spec.final['seeds'])} seeds = {len(fplans)} runs", flush=True)
+    t0 = time.time()
     final_results = phase_tuner(spec, sdir, FINAL, fplans, data_ref).fit()
     final_trials = collect_trials(final_results, sdir, FINAL, fplans)
+    phases[FINAL] = phase_efficiency(final_trials, spec, t0, time.time())
     storage.write_csv(storage.join(sdir, "final_trials.csv"), final_trials)
 
     # Phase 4: evaluation on the held-out test split.
     outcome = evaluation.evaluate(spec, sdir, prepared, final_trials)
     storage.write_json(storage.join(sdir, "study.json"), {
         "name": spec.name, "spec_hash": spec.hash, "finished": True, "driver_wall_s": time.time() - start,
-        "engine": spec.engine,
+        "engine": spec.engine, "phases": phases,
         "command": " ".join(sys.argv), "ray_resources": ray.cluster_resources(),
     })
     print("\n" + outcome["verdict"], flush=True)

@@ -415,7 +415,8 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
         if epoch + 1 == cfg.epochs and cfg.evaluate_test:
             arrays["test_probabilities"] = predict_distributed(model, images, data["test"], norm, device, rank,
                                                                size, cuda)
-        report["epoch_time_s"] = time.perf_counter() - start  # training, validation and (below) the record
+        report["epoch_time_s"] = time.perf_counter() - start  # training and validation
+        report["finished_at"] = time.time()
         checkpoint = None
         if rank == 0:
             checkpoint = record_epoch(run_dir, report, model, optimizer, scheduler, cfg, norm, arrays,

@@ -3,10 +3,13 @@ trial. Findable in the dashboard (Actors view, through its HTTP API with the tok
 a trial whose process is killed mid-run is retried by Tune from its last checkpoint."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -84,6 +87,12 @@ def test_tune_trials_are_findable_in_the_dashboard_and_in_prometheus(local_ray, 
         assert tagged == set(trial_ids), (gauge, tagged)
     epochs = [float(ln.rsplit(" ", 1)[1]) for ln in scraped if ln.startswith("ray_cxr_ray_trial_epoch{")]
     assert max(epochs) == 3
+    # The shipped Grafana dashboard queries exactly these metrics, by labels they carry.
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy" / "grafana" / "cxr-ray-study.json").read_text())
+    queried = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"ray_cxr_ray_\w+", t["expr"])}
+    exported = {ln.split("{", 1)[0] for ln in scraped}
+    assert queried and queried <= exported, (queried, exported)
+    assert all('study="engines"' in ln and 'arm="lcnet_050"' in ln for ln in scraped)
 
 
 def test_tune_trial_killed_mid_run_is_retried_from_its_last_checkpoint(local_ray, data_ref, tmp_path):

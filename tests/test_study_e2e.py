@@ -28,8 +28,11 @@ ARTIFACTS = ["spec.yaml", "split.csv", "data_report.json", "configs.csv", "trial
 
 
 def with_engine(spec: str, engine: str) -> str:
-    assert "max_concurrent_trials: 2}" in spec
-    return spec.replace("max_concurrent_trials: 2}", f"max_concurrent_trials: 2, engine: {engine}}}")
+    """The tiny spec on ``engine``, four trials at a time (half a CPU each) to keep Train's start-up short."""
+    old = "resources: {workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}"
+    assert old in spec
+    return spec.replace(old, "resources: {workers_per_trial: 1, cpus_per_worker: 0.5, max_concurrent_trials: 4, "
+                             f"engine: {engine}}}")
 
 
 def trial_results(study: Path) -> dict[str, list[dict]]:
@@ -202,7 +205,7 @@ def test_both_engines_train_identically(studies):
         tables[engine] = trials.set_index(["phase", "arm", "config_id", "seed", "epoch"]).sort_index()
         assert set(trials["engine"]) == {engine}
     common = tables["tune"].index.intersection(tables["train"].index)
-    assert len(common) >= 20  # 2 arms x 2 final seeds x 3 epochs, plus the search epochs both ran
+    assert len(common) >= 16  # 2 arms x 2 final seeds x 3 epochs, plus the search epochs both ran
     for column in ("train_loss", "val_loss", "val_auroc", "threshold", "val_accuracy_youden"):
         pd.testing.assert_series_equal(tables["tune"].loc[common, column], tables["train"].loc[common, column],
                                        check_exact=False, atol=1e-9, rtol=0)
@@ -212,7 +215,7 @@ def test_both_engines_train_identically(studies):
         tables[engine, "meta"] = json.loads((study / best["checkpoint"] / "meta.json").read_text())
         tables[engine, "shapes"] = {k: tuple(v.shape) for k, v in
                                     load_file(str(study / best["checkpoint"] / "model.safetensors")).items()}
-    volatile = {"metrics", "config"}
+    volatile = {"metrics", "config", "spec_hash"}  # the two specs differ in their engine
     assert {k: v for k, v in tables["tune", "meta"].items() if k not in volatile} == \
         {k: v for k, v in tables["train", "meta"].items() if k not in volatile}
     assert tables["tune", "shapes"] == tables["train", "shapes"]
@@ -226,7 +229,7 @@ arms: [lcnet_050, mobilenetv3_small_050]
 search_space:
   lr: {loguniform: [1e-4, 3e-2]}
 fixed: {batch_size: 32}
-budget: {samples_per_arm: 6, max_epochs: 3, grace_period: 1, reduction_factor: 4}
+budget: {samples_per_arm: 5, max_epochs: 3, grace_period: 1, reduction_factor: 4}
 resources: {workers_per_trial: 1, cpus_per_worker: 0.5, max_concurrent_trials: 4, engine: ENGINE}
 final: {seeds: [0], bootstrap: 100}
 """
@@ -243,14 +246,14 @@ def test_every_trial_is_recorded_when_asha_stops_most_at_epoch_one(tmp_path, stu
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     study = tmp_path / "early"
     summary_csv = pd.read_csv(study / "trial_summary.csv")
-    assert len(summary_csv) == 12 and summary_csv["trial_id"].is_unique
+    assert len(summary_csv) == 10 and summary_csv["trial_id"].is_unique
     outcomes = summary_csv["outcome"]
     assert (outcomes.str.startswith("stopped by ASHA") | (outcomes == "completed")).all(), outcomes.tolist()
-    assert (outcomes == "stopped by ASHA at epoch 1").sum() >= 5
+    assert (outcomes == "stopped by ASHA at epoch 1").sum() >= 4
     for tid in summary_csv["trial_id"]:  # each trial's history holds every epoch it ran
         history = pd.read_csv(study / "runs" / tid / "metrics.csv")
         assert history["epoch"].tolist() == list(range(1, summary_csv.set_index("trial_id").loc[tid, "epochs"] + 1))
     budget = pd.read_csv(study / "budget.csv")
-    assert budget["trials"].tolist() == [6, 6]
+    assert budget["trials"].tolist() == [5, 5]
     assert report.departures(report.Study(str(study))) == []  # no false fairness warning
     assert "stopped by ASHA at epoch 1" in run.stdout
