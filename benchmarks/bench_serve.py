@@ -16,8 +16,14 @@ Errors are non-200 answers and exceptions. Figures only: nothing here asserts on
 The model is a randomly initialised --backbone at --size px saved as a checkpoint in a temporary
 study directory (no downloads), or the best model of a finished study with --study DIR.
 
+Then a bounded burst of the worst uploads of issue 12 (tests/hostile_corpus.py: decompression and
+scan bombs, implausible headers, the largest accepted image) goes to the Serve replica while the
+resident memory (RSS) of the replica process and of its decoder child processes is sampled every
+10 ms from /proc; the answers per upload and the peaks are printed.
+
     .venv/bin/python benchmarks/bench_serve.py [--requests 500] [--concurrency 1 8 32]
         [--max-batch-size 16] [--batch-wait-ms 5] [--replicas 1] [--study DIR]
+        [--bombs 2] [--bomb-concurrency 4]
 """
 import argparse
 import json
@@ -57,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bare-threads", type=int, default=0,
                    help="torch intra-op threads of the bare server (default 0: torch's default, all cores; "
                         "the Serve replica gets 1, as Ray sets OMP_NUM_THREADS to its num_cpus=1)")
+    p.add_argument("--bombs", type=int, default=2,
+                   help="requests per kind of hostile upload in the memory burst (default 2; 0 skips it)")
+    p.add_argument("--bomb-concurrency", type=int, default=4, help="concurrent bomb requests (default 4)")
     p.add_argument("--bare-server", nargs=2, metavar=("PORT", "STUDY_DIR"),
                    help="internal: run the bare FastAPI server on 127.0.0.1:PORT and block")
     args = p.parse_args(argv)
@@ -261,6 +270,94 @@ def fmt_hist(h: dict[int, int]) -> str:
         f"mean batch {mean:.1f})"
 
 
+# ----------------------------------------------------------------------------- memory under a bomb burst
+
+def rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def replica_pid(app: str) -> int:
+    """The Serve replica of ``app`` on this machine (Ray titles it ray::ServeReplica:APP:...)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"ServeReplica:{app}:".encode() in cmdline.read_bytes():
+                return int(cmdline.parent.name)
+        except OSError:
+            continue
+    raise SystemExit(f"bench_serve: no process of the Serve replica of {app!r} found in /proc")
+
+
+def child_pids(parent: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of a process and (summed) of its children, sampled every 10 ms until stopped."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.peak_children, self.done = pid, rss_mib(pid), 0.0, threading.Event()
+
+    def run(self):
+        children, refreshed = child_pids(self.pid), time.time()
+        while not self.done.wait(0.01):
+            if time.time() - refreshed > 0.5:  # decoders are replaced when they are killed
+                children, refreshed = child_pids(self.pid), time.time()
+            self.peak = max(self.peak, rss_mib(self.pid))
+            self.peak_children = max(self.peak_children, sum(rss_mib(c) for c in children))
+
+
+def bomb_burst(url: str, app: str, rounds: int, concurrency: int) -> None:
+    import collections
+    import concurrent.futures
+
+    import requests
+    sys.path.insert(0, str(REPO / "tests"))
+    import hostile_corpus
+    bombs = hostile_corpus.bombs()
+    kinds = {"PNG": "image/png", "DICOM": "application/dicom", "JPEG": "image/jpeg"}
+    pid = replica_pid(app)
+    before, before_children = rss_mib(pid), sum(rss_mib(c) for c in child_pids(pid))
+    print(f"\nbomb burst: {len(bombs)} kinds x {rounds} requests, {concurrency} concurrent, POST /v1/predict "
+          f"(replica pid {pid})", flush=True)
+
+    def send(name: str) -> str:
+        kind = next(v for k, v in kinds.items() if k in name)
+        t = time.perf_counter()
+        try:
+            r = requests.post(url + "/v1/predict", data=bombs[name], headers={"content-type": kind}, timeout=300)
+            return f"{r.status_code} in {time.perf_counter() - t:.2f} s"
+        except requests.RequestException as e:
+            return f"{type(e).__name__} after {time.perf_counter() - t:.2f} s"
+
+    sampler = RssSampler(pid)
+    sampler.start()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(lambda n: (n, send(n)), [n for n in bombs for _ in range(rounds)]))
+    sampler.done.set()
+    sampler.join()
+    by_name = collections.defaultdict(list)
+    for name, answer in answers:
+        by_name[name].append(answer)
+    for name, got in by_name.items():
+        print(f"  {name} ({len(bombs[name]) / 1024:,.0f} KiB): {'; '.join(got)}", flush=True)
+    alive = requests.get(url + "/healthz", timeout=60).status_code
+    print(f"  replica RSS: {before:.0f} MiB before, peak {sampler.peak:.0f} MiB during the burst "
+          f"(+{sampler.peak - before:.0f} MiB); decoder processes (sum): {before_children:.0f} MiB before, peak "
+          f"{sampler.peak_children:.0f} MiB; /healthz afterwards: {alive}", flush=True)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> int:
@@ -382,6 +479,8 @@ def main() -> int:
         total = requests.get(stats_url, timeout=30).json()
         print(f"  whole run (GET /v1/stats, incl. warm-up and parity): "
               f"{fmt_hist({int(k): v for k, v in total['batch_sizes'].items()})}")
+        if args.bombs:
+            bomb_burst(serve_url, "bench-serve", args.bombs, args.bomb_concurrency)
     finally:
         if bare is not None:
             stop_process_group(bare)
