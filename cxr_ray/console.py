@@ -31,7 +31,7 @@ def clock(seconds: float) -> str:
 
 
 def replayed(m: dict) -> bool:
-    """A finished run's last epoch reported again after a restart (nothing was trained)."""
+    """A run's last recorded epoch, said again by the run after a restart (nothing was trained)."""
     return m.get("started_at_epoch", 0) >= m["epoch"]
 
 

@@ -85,6 +85,8 @@ class PerArmASHA(FIFOScheduler):
                                                             "stopped": self.stopped}, indent=1))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if trial.trial_id in self.stopped:  # decided before the study was killed: the decision stands
+            return TrialScheduler.STOP
         if self.time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
         if result[self.time_attr] >= self.max_t:

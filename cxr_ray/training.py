@@ -92,7 +92,8 @@ class Prefetcher:
 
 def epoch_batches(train_rows: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch: int, rank: int,
                   world: int) -> list[np.ndarray]:
-    """This rank's batches for ``epoch``: a seeded global order, cut into equal shards."""
+    """This rank's batches for ``epoch``: a seeded global order, cut into equal shards. A last batch
+    of a single image is dropped: BatchNorm cannot train on one."""
     rng = np.random.default_rng([cfg.seed, epoch])
     if cfg.imbalance == "sampler":  # class-balanced sampling with replacement
         y = labels[train_rows]
@@ -103,7 +104,7 @@ def epoch_batches(train_rows: np.ndarray, labels: np.ndarray, cfg: TrainConfig, 
     per_rank = len(order) // world
     shard = order[rank * per_rank:(rank + 1) * per_rank]
     per_batch = cfg.batch_size // world
-    return [shard[i:i + per_batch] for i in range(0, len(shard), per_batch) if len(shard[i:i + per_batch])]
+    return [shard[i:i + per_batch] for i in range(0, len(shard), per_batch) if len(shard[i:i + per_batch]) > 1]
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
@@ -366,10 +367,11 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             last = storage.read_json(os.path.join(d, "meta.json"))["metrics"]
+        # Say the last recorded epoch again before training on: whoever waited for it (a Tune trial,
+        # its scheduler) may have died before hearing it, and may have decided to stop this run on it
+        # (ASHA's decisions outlive the driver). Nothing is trained or written for it.
+        world.report(last | {"started_at_epoch": start_epoch}, saved[start_epoch] if rank == 0 else None)
         if start_epoch >= cfg.epochs:
-            # Finished, but whoever waited for it (a Tune trial) died before hearing so: say it again.
-            # Nothing is trained or written; the record already holds every epoch.
-            world.report(last | {"started_at_epoch": start_epoch}, saved[start_epoch] if rank == 0 else None)
             return
 
     y_train = labels[train_rows]

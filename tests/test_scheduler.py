@@ -273,3 +273,16 @@ def test_without_a_state_path_nothing_is_written(tmp_path, monkeypatch):
     _script(s)
     assert list(tmp_path.iterdir()) == []
     assert pickle.loads(pickle.dumps(s)).rungs == s.rungs  # a pickled copy keeps its own memory
+
+
+def test_a_trial_stopped_before_the_driver_died_stays_stopped(tmp_path):
+    """Tune may restart a trial that ASHA stopped just before the driver was killed (its experiment
+    state still said RUNNING): the resumed run says its last epoch again, and the decision stands,
+    whatever the value, before another epoch is trained."""
+    path = tmp_path / "asha_state.json"
+    _script(asha(state_path=path))  # a2 stopped at epoch 1
+    resumed = asha(state_path=path)
+    assert resumed.on_trial_result(None, trial("a2", "A"), {"epoch": 1, "val_auroc": 0.80}) == STOP  # replayed
+    assert resumed.on_trial_result(None, trial("a2", "A"), {"epoch": 2, "val_auroc": 0.99}) == STOP
+    assert resumed.stopped["a2"]["epoch"] == 1  # the record of the decision is unchanged
+    assert resumed.on_trial_result(None, trial("a1", "A"), {"epoch": 1, "val_auroc": 0.90}) == CONTINUE  # still on
