@@ -40,7 +40,7 @@ class StudyProgress(tune.Callback):
 
     def __init__(self, spec, phase: str, plans: dict):
         self.phase, self.plans = phase, plans
-        self.metric, self.sign = spec.selection["metric"], 1 if spec.selection["mode"] == "max" else -1
+        self.metric, self.sign = spec.selection.metric, 1 if spec.selection.mode == "max" else -1
         self.width = max(len(p["arm"]) for p in plans.values()) + len("-c00-s0")
         self.start = time.time()
         self.epochs_seen = 0

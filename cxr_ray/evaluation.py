@@ -66,7 +66,7 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
     index = prepared.cache.index.iloc[rows]
     y, patients = index["label"].to_numpy(), index["patient"].to_numpy()
     runs = load_final_predictions(sdir, final_trials)
-    n_boot, seed = spec.final["bootstrap"], spec.seed
+    n_boot, seed = spec.final.bootstrap, spec.seed
 
     pred_rows, per_run = [], []
     for (arm, s), run in sorted(runs.items()):
@@ -85,7 +85,7 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
     summary = []
     for a in arms:
         probs, thresholds = stacked[a]
-        row = {"arm": a, "seeds": len(thresholds), "missing_seeds": len(spec.final["seeds"]) - len(thresholds)}
+        row = {"arm": a, "seeds": len(thresholds), "missing_seeds": len(spec.final.seeds) - len(thresholds)}
         for m in METRICS:
             point, lo, hi = metrics.bootstrap_ci(_seed_mean(m, thresholds), [y, probs], patients, n_boot, seed)
             row |= {m: point, f"{m}_ci_low": lo, f"{m}_ci_high": hi,
@@ -125,7 +125,7 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
             "test_metrics": {m: float(summary.iloc[0][m]) for m in METRICS},
             "test_metrics_ci": {m: [float(summary.iloc[0][f"{m}_ci_low"]), float(summary.iloc[0][f"{m}_ci_high"])]
                                 for m in METRICS}}
-    verdict = verdict_text(spec, summary, comparison)
+    verdict = " ".join([verdict_text(summary, comparison, spec.final.bootstrap)] + caveats(spec, summary))
 
     storage.write_csv(storage.join(sdir, "predictions.csv"), pd.concat(pred_rows, ignore_index=True))
     storage.write_csv(storage.join(sdir, "final.csv"), per_run)
@@ -135,40 +135,56 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
     return {"summary": summary, "comparison": comparison, "best": best, "verdict": verdict}
 
 
-def p_text(p: float, spec: Spec) -> str:
+def p_text(p: float, n_bootstrap: int) -> str:
     """A bootstrap p-value of 0 only says p < 1/B."""
-    return f"p < {1 / spec.final['bootstrap']:.2g}" if p == 0 else f"p = {p:.2g}"
+    return f"p < {1 / n_bootstrap:.2g}" if p == 0 else f"p = {p:.2g}"
 
 
-def verdict_text(spec: Spec, summary: pd.DataFrame, comparison: pd.DataFrame) -> str:
+def ci_text(row, m: str) -> str:
+    return f"{row[m]:.3f} ({row[f'{m}_ci_low']:.3f}-{row[f'{m}_ci_high']:.3f})"
+
+
+def difference_text(r, n_bootstrap: int) -> str:
+    """One comparison row in words: 'resnet18 (AUROC 0.027 lower, 95% CI ..., p = 0.03)'."""
+    return (f"{r.arm} (AUROC {abs(r.delta_auroc):.3f} {'lower' if r.delta_auroc <= 0 else 'higher'}, 95% CI "
+            f"{r.delta_ci_low:+.3f} to {r.delta_ci_high:+.3f}, {p_text(r.p_holm, n_bootstrap)})")
+
+
+def verdict_text(summary: pd.DataFrame, comparison: pd.DataFrame | None, n_bootstrap: int) -> str:
+    """The verdict paragraph (printed at the end of a study, kept in best.json, opening the report):
+    the best arm with its CIs, then every other arm told apart from it or not."""
     top = summary.iloc[0]
-    n = int(top["seeds"])
-    text = (f"Best arm: {top['arm']}, with test AUROC {top['auroc']:.3f} (95% CI {top['auroc_ci_low']:.3f}-"
-            f"{top['auroc_ci_high']:.3f}) and accuracy {top['accuracy']:.3f} ({top['accuracy_ci_low']:.3f}-"
-            f"{top['accuracy_ci_high']:.3f}) at its validation-chosen threshold, mean of {n} seed(s); CIs resample "
-            f"test patients.")
-    if len(comparison):
-        same = comparison[~comparison["significant"]]
-        worse = comparison[comparison["significant"]]
-        if len(same):
-            text += (" Statistically indistinguishable from it (paired patient bootstrap on AUROC, Holm-adjusted, "
-                     f"alpha {ALPHA}): " + "; ".join(
-                         f"{r.arm} (AUROC difference {r.delta_auroc:+.3f}, 95% CI {r.delta_ci_low:+.3f} to "
-                         f"{r.delta_ci_high:+.3f}, {p_text(r.p_holm, spec)})" for r in same.itertuples()) + ".")
-        else:
-            text += " Every other arm is significantly worse."
-        if len(worse) and len(same):
-            text += " Significantly worse: " + "; ".join(
-                f"{r.arm} (AUROC difference {r.delta_auroc:+.3f}, {p_text(r.p_holm, spec)})"
-                for r in worse.itertuples()) + "."
-        if len(same):
-            text += " On this data the comparison cannot separate those arms; no significant difference is the answer."
-    else:
-        text += " It is the only arm."
-    if spec.unmatched:
-        text += (" WARNING: this study is UNMATCHED: its arms ran with different optimiser settings and epoch "
-                 "counts, so differences cannot be attributed to the backbone.")
-    missing = summary[summary["missing_seeds"] > 0]
-    if len(missing):
-        text += " Missing final runs: " + ", ".join(f"{r.arm} ({r.missing_seeds})" for r in missing.itertuples()) + "."
+    text = (f"The best backbone in this study is {top['arm']}: test AUROC {ci_text(top, 'auroc')} and accuracy "
+            f"{ci_text(top, 'accuracy')} (95% confidence intervals in brackets, from resampling test patients), the "
+            f"mean of {int(top['seeds'])} final seed(s), each run at the decision threshold it chose on validation.")
+    others = [a for a in summary["arm"] if a != top["arm"]]
+    if not others:
+        return text + " It is the only arm evaluated."
+    if comparison is None or comparison.empty:
+        return text + f" No paired comparison with {', '.join(others)} is available."
+    significant = comparison["significant"].astype(bool)
+    same, worse = comparison[~significant], comparison[significant]
+    text += (f" Against each other arm (paired patient bootstrap of the AUROC difference, Holm-adjusted over "
+             f"{len(comparison)} comparison(s), alpha {ALPHA}; unadjusted 95% CIs):")
+    if len(same):
+        text += (" it cannot be told apart from " + "; ".join(difference_text(r, n_bootstrap) for r in same.itertuples())
+                 + ". On this data these backbones are statistically indistinguishable: the ranking among them is "
+                   "not evidence that one is better.")
+    if len(worse):
+        text += (" " + ("Significantly worse: " if len(same) else "every other arm is significantly worse: ")
+                 + "; ".join(difference_text(r, n_bootstrap) for r in worse.itertuples()) + ".")
     return text
+
+
+def caveats(spec: Spec, summary: pd.DataFrame) -> list[str]:
+    """What limits the verdict, one sentence each (printed after it, red boxes in the report)."""
+    out = []
+    if spec.unmatched:
+        out.append("UNMATCHED STUDY: the arms ran with different settings (see the fairness audit), so a difference "
+                   "between them cannot be attributed to the backbone.")
+    short = summary[summary["missing_seeds"] > 0]
+    if len(short):
+        out.append("Missing final seeds: " + ", ".join(f"{r.arm} ran {int(r.seeds)} of "
+                                                       f"{int(r.seeds + r.missing_seeds)}" for r in short.itertuples())
+                   + "; their means rest on fewer runs.")
+    return out

@@ -160,6 +160,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def parameter_count(cfg: TrainConfig) -> int:
+    """Parameters of the model ``cfg`` trains, built on PyTorch's meta device: no weights are
+    allocated, so even large backbones take a fraction of a second."""
+    with torch.device("meta"):
+        net = build_model(cfg.backbone, head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout,
+                          image_size=cfg.image_size)
+    return count_parameters(net)
+
+
 # ----------------------------------------------------------------------------- input and inference
 
 def normalize(x_uint8: torch.Tensor, norm: tuple[float, float]) -> torch.Tensor:

@@ -19,15 +19,7 @@ import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from . import storage
-
-
-def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
-    """Epochs at which trials are compared, below the maximum (e.g. 1, 2, 4 for max 8, rf 2)."""
-    milestones, t = [], float(grace_period)
-    while t < max_t:
-        milestones.append(int(round(t)))
-        t *= reduction_factor
-    return sorted(set(milestones))
+from .spec import rung_milestones
 
 
 class PerArmASHA(FIFOScheduler):

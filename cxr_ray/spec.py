@@ -8,48 +8,107 @@ own; its report says so.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import math
 import re
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from .config import ENGINES, ConfigError, TrainConfig
 from .data import SOURCES
 from .errors import CxrError
-from .config import ENGINES, ConfigError, TrainConfig
 
-# The schema: section -> key -> (type(s), default). None as default means required.
-SCHEMA: dict[str, dict[str, tuple]] = {
-    "data": {
-        "source": (str, None), "path": ((str, type(None)), None), "image_size": (int, 64),
-        "val_fraction": ((int, float), 0.15), "test_fraction": ((int, float), 0.15),
-        "use_official_test": (bool, True), "synthetic_images": (int, 1200), "strict": (bool, False),
-    },
-    "budget": {
-        "samples_per_arm": (int, None), "max_epochs": (int, None), "grace_period": (int, 1),
-        "reduction_factor": ((int, float), 2),
-    },
-    "resources": {
-        "workers_per_trial": (int, 1), "cpus_per_worker": ((int, float), 1), "gpus_per_worker": ((int, float), 0),
-        "max_concurrent_trials": (int, 1), "max_failures": (int, 2), "worker_resources": (dict, {}),
-        "engine": (str, "auto"),
-    },
-    "selection": {"metric": (str, "val_auroc"), "mode": (str, "max")},
-    "final": {"seeds": (list, [0, 1, 2]), "epochs": ((int, type(None)), None), "bootstrap": (int, 1000)},
-}
-TOP_LEVEL = {"name", "description", "seed", "unmatched", "data", "model", "arms", "search_space", "fixed",
-             "budget", "resources", "selection", "final"}
-ARM_KEYS = {"name", "backbone", "pretrained"}
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 # Settings the study owns: a search space or fixed block may not set them.
 STUDY_OWNED = {"backbone", "pretrained", "image_size", "seed", "epochs", "evaluate_test", "study", "arm",
                "spec_hash", "extra", "threads"}
 SELECTION_METRICS = ("val_auroc", "val_accuracy_youden", "val_f1_youden", "val_loss")
+
+
+# ----------------------------------------------------------------------------- the sections
+# Each section is a dataclass: its fields are the keys a spec may give, their annotations the YAML
+# types accepted (float also takes an int), a field without a default is required.
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str
+    path: str | None = None
+    image_size: int = 64
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    use_official_test: bool = True
+    synthetic_images: int = 1200
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Budget:
+    samples_per_arm: int
+    max_epochs: int
+    grace_period: int = 1
+    reduction_factor: float = 2
+
+    @property
+    def milestones(self) -> list[int]:
+        """The ASHA rungs: epochs at which trials of an arm are compared, below the maximum."""
+        return rung_milestones(self.grace_period, self.max_epochs, self.reduction_factor)
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    max_concurrent_trials: int = 1
+    max_failures: int = 2
+    worker_resources: dict = field(default_factory=dict)
+    engine: str = "auto"
+
+
+@dataclass(frozen=True)
+class Selection:
+    metric: str = "val_auroc"
+    mode: str = "max"
+
+    @property
+    def sign(self) -> int:
+        """+1 when higher is better, -1 when lower is: ``sign * value`` always ranks best-highest."""
+        return 1 if self.mode == "max" else -1
+
+
+@dataclass(frozen=True)
+class Final:
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    epochs: int | None = None
+    bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    backbone: str
+    pretrained: bool | str = False
+    settings: dict = field(default_factory=dict)  # only in an unmatched spec
+
+
+SECTIONS = {"data": DataSection, "budget": Budget, "resources": Resources, "selection": Selection, "final": Final}
+TOP_LEVEL = {"name", "description", "seed", "unmatched", "model", "arms", "search_space", "fixed"} | set(SECTIONS)
+
+
+def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
+    """Epochs at which trials are compared, below the maximum (e.g. 1, 2, 4 for max 8, rf 2)."""
+    milestones, t = [], float(grace_period)
+    while t < max_t:
+        milestones.append(int(round(t)))
+        t *= reduction_factor
+    return sorted(set(milestones))
 
 
 class _Loader(yaml.SafeLoader):
@@ -75,19 +134,34 @@ def _digest(raw: dict) -> str:
     return hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-@dataclasses.dataclass
+@dataclass
 class Spec:
+    """A validated study spec: typed sections, defaults filled in."""
+
     path: str
-    raw: dict  # the resolved spec (defaults filled in), as written to the study directory
+    name: str
+    description: str
+    seed: int
+    unmatched: bool
+    data: DataSection
+    model: dict  # shared training settings (TrainConfig fields)
+    arms: list[Arm]
+    search_space: dict  # key -> {distribution: args}
+    fixed: dict
+    budget: Budget
+    resources: Resources
+    selection: Selection
+    final: Final
     recorded_hash: str | None = None  # a study's identity stays the hash it was started with
 
-    def __getattr__(self, item):
-        if item.startswith("__") or "raw" not in self.__dict__:
-            raise AttributeError(item)
-        try:
-            return self.raw[item]
-        except KeyError:
-            raise AttributeError(item) from None
+    @property
+    def raw(self) -> dict:
+        """The resolved spec as plain data, as written to the study directory and hashed."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("path", "recorded_hash")}
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+        out["arms"] = [{k: v for k, v in dataclasses.asdict(a).items() if k != "settings" or v} for a in self.arms]
+        return out
 
     @property
     def hash(self) -> str:
@@ -95,26 +169,25 @@ class Spec:
 
     @property
     def arm_names(self) -> list[str]:
-        return [a["name"] for a in self.raw["arms"]]
+        return [a.name for a in self.arms]
 
     @property
     def engine(self) -> str:
         """How a trial runs: ``tune`` (the loop inside the Tune trial) or ``train`` (Ray Train, DDP)."""
-        r = self.raw["resources"]
-        if r["engine"] != "auto":
-            return r["engine"]
-        return "tune" if r["workers_per_trial"] == 1 else "train"
+        if self.resources.engine != "auto":
+            return self.resources.engine
+        return "tune" if self.resources.workers_per_trial == 1 else "train"
 
-    def arm(self, name: str) -> dict:
-        return next(a for a in self.raw["arms"] if a["name"] == name)
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
 
     def epochs_for(self, arm: str) -> int:
-        return self.arm(arm).get("settings", {}).get("epochs", self.raw["budget"]["max_epochs"])
+        return self.arm(arm).settings.get("epochs", self.budget.max_epochs)
 
     def final_epochs_for(self, arm: str) -> int:
-        if self.raw["unmatched"]:
+        if self.unmatched:
             return self.epochs_for(arm)
-        return self.raw["final"]["epochs"] or self.raw["budget"]["max_epochs"]
+        return self.final.epochs or self.budget.max_epochs
 
 
 def _type_name(t) -> str:
@@ -122,32 +195,40 @@ def _type_name(t) -> str:
     return " or ".join("null" if x is type(None) else x.__name__ for x in ts)
 
 
-def _check_type(value, types, where: str) -> None:
-    ts = types if isinstance(types, tuple) else (types,)
+def _check_type(value, types_, where: str) -> None:
+    ts = types_ if isinstance(types_, tuple) else (types_,)
     if isinstance(value, bool) and bool not in ts:
-        raise SpecError(f"{where}: expected {_type_name(types)}, got {value!r}")
+        raise SpecError(f"{where}: expected {_type_name(types_)}, got {value!r}")
     if not isinstance(value, ts):
-        raise SpecError(f"{where}: expected {_type_name(types)}, got {type(value).__name__} {value!r}")
+        raise SpecError(f"{where}: expected {_type_name(types_)}, got {type(value).__name__} {value!r}")
 
 
-def _section(raw: dict, name: str, file: str) -> dict:
+def _accepted(hint) -> tuple:
+    """The YAML value types a field annotation accepts (a float field also takes an int)."""
+    parts = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    out = []
+    for t in parts:
+        out += [int, float] if t is float else [t]
+    return tuple(out)
+
+
+def _section(raw: dict, name: str, file: str):
+    """One section of the spec, checked against its dataclass: unknown keys, required keys, types."""
+    cls = SECTIONS[name]
     given = raw.get(name) or {}
     if not isinstance(given, dict):
         raise SpecError(f"{file}: {name}: expected a mapping")
-    schema = SCHEMA[name]
-    unknown = sorted(set(given) - set(schema))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - set(fields))
     if unknown:
-        raise SpecError(f"{file}: unknown key {name}.{unknown[0]} (known: {', '.join(schema)})")
-    out = {}
-    for key, (types, default) in schema.items():
-        if key not in given:
-            if default is None and not (isinstance(types, tuple) and type(None) in types):
-                raise SpecError(f"{file}: missing required key {name}.{key}")
-            out[key] = copy.deepcopy(default)
-            continue
-        _check_type(given[key], types, f"{file}: {name}.{key}")
-        out[key] = given[key]
-    return out
+        raise SpecError(f"{file}: unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    for key, f in fields.items():
+        if key in given:
+            _check_type(given[key], _accepted(hints[key]), f"{file}: {name}.{key}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"{file}: missing required key {name}.{key}")
+    return cls(**given)
 
 
 def _train_fields() -> dict[str, type]:
@@ -215,141 +296,131 @@ def load(path: str | Path, data_path: str | None = None) -> Spec:
 
 
 def validate(raw: dict, file: str = "spec") -> Spec:
+    """Check every key of a spec (as parsed from YAML) and fill in the defaults."""
     unknown = sorted(set(raw) - TOP_LEVEL)
     if unknown:
         raise SpecError(f"{file}: unknown key {unknown[0]} (known: {', '.join(sorted(TOP_LEVEL))})")
-    out: dict = {}
     name = raw.get("name")
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise SpecError(f"{file}: name must be a word of letters, digits, - and _ (got {name!r})")
-    out["name"] = name
-    out["description"] = str(raw.get("description", ""))
-    out["seed"] = raw.get("seed", 0)
-    _check_type(out["seed"], int, f"{file}: seed")
-    out["unmatched"] = raw.get("unmatched", False)
-    _check_type(out["unmatched"], bool, f"{file}: unmatched")
-    for section in SCHEMA:
-        out[section] = _section(raw, section, file)
+    seed, unmatched = raw.get("seed", 0), raw.get("unmatched", False)
+    _check_type(seed, int, f"{file}: seed")
+    _check_type(unmatched, bool, f"{file}: unmatched")
+    sections = {key: _section(raw, key, file) for key in SECTIONS}
 
-    d = out["data"]
-    if d["source"] not in SOURCES:
-        raise SpecError(f"{file}: data.source must be one of {', '.join(SOURCES)} (got {d['source']!r})")
-    if d["source"] != "synthetic" and not d["path"]:
-        raise SpecError(f"{file}: data.path is required for source {d['source']!r}")
-    if not 16 <= d["image_size"] <= 1024:
-        raise SpecError(f"{file}: data.image_size must be in 16..1024 (got {d['image_size']})")
+    d = sections["data"]
+    if d.source not in SOURCES:
+        raise SpecError(f"{file}: data.source must be one of {', '.join(SOURCES)} (got {d.source!r})")
+    if d.source != "synthetic" and not d.path:
+        raise SpecError(f"{file}: data.path is required for source {d.source!r}")
+    if not 16 <= d.image_size <= 1024:
+        raise SpecError(f"{file}: data.image_size must be in 16..1024 (got {d.image_size})")
     for key in ("val_fraction", "test_fraction"):
-        if not 0 < d[key] < 0.5:
-            raise SpecError(f"{file}: data.{key} must be in (0, 0.5) (got {d[key]})")
+        if not 0 < getattr(d, key) < 0.5:
+            raise SpecError(f"{file}: data.{key} must be in (0, 0.5) (got {getattr(d, key)})")
 
-    b = out["budget"]
-    if b["samples_per_arm"] < 1:
-        raise SpecError(f"{file}: budget.samples_per_arm must be >= 1 (got {b['samples_per_arm']})")
-    if b["max_epochs"] < 1:
-        raise SpecError(f"{file}: budget.max_epochs must be >= 1 (got {b['max_epochs']})")
-    if not 1 <= b["grace_period"] <= b["max_epochs"]:
-        raise SpecError(f"{file}: budget.grace_period must be in 1..max_epochs={b['max_epochs']} "
-                        f"(got {b['grace_period']})")
-    if b["reduction_factor"] <= 1:
-        raise SpecError(f"{file}: budget.reduction_factor must be > 1 (got {b['reduction_factor']})")
+    b = sections["budget"]
+    if b.samples_per_arm < 1:
+        raise SpecError(f"{file}: budget.samples_per_arm must be >= 1 (got {b.samples_per_arm})")
+    if b.max_epochs < 1:
+        raise SpecError(f"{file}: budget.max_epochs must be >= 1 (got {b.max_epochs})")
+    if not 1 <= b.grace_period <= b.max_epochs:
+        raise SpecError(f"{file}: budget.grace_period must be in 1..max_epochs={b.max_epochs} (got {b.grace_period})")
+    if b.reduction_factor <= 1:
+        raise SpecError(f"{file}: budget.reduction_factor must be > 1 (got {b.reduction_factor})")
 
-    r = out["resources"]
-    if r["workers_per_trial"] < 1 or r["max_concurrent_trials"] < 1 or r["cpus_per_worker"] <= 0:
+    r = sections["resources"]
+    if r.workers_per_trial < 1 or r.max_concurrent_trials < 1 or r.cpus_per_worker <= 0:
         raise SpecError(f"{file}: resources: workers_per_trial, max_concurrent_trials and cpus_per_worker "
                         "must be positive")
-    if r["gpus_per_worker"] < 0:
+    if r.gpus_per_worker < 0:
         raise SpecError(f"{file}: resources.gpus_per_worker must be >= 0")
-    if r["engine"] not in ENGINES:
-        raise SpecError(f"{file}: resources.engine must be one of {', '.join(ENGINES)} (got {r['engine']!r})")
-    if r["engine"] == "tune" and r["workers_per_trial"] > 1:
+    if r.engine not in ENGINES:
+        raise SpecError(f"{file}: resources.engine must be one of {', '.join(ENGINES)} (got {r.engine!r})")
+    if r.engine == "tune" and r.workers_per_trial > 1:
         raise SpecError(f"{file}: resources.engine tune runs a trial in one process; workers_per_trial "
-                        f"{r['workers_per_trial']} needs engine train (DDP) or auto")
-    for key, value in r["worker_resources"].items():
+                        f"{r.workers_per_trial} needs engine train (DDP) or auto")
+    for key, value in r.worker_resources.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise SpecError(f"{file}: resources.worker_resources.{key} must be a positive number (got {value!r})")
 
-    s = out["selection"]
-    if s["metric"] not in SELECTION_METRICS:
+    sel = sections["selection"]
+    if sel.metric not in SELECTION_METRICS:
         raise SpecError(f"{file}: selection.metric must be one of {', '.join(SELECTION_METRICS)}")
-    if s["mode"] not in ("max", "min"):
+    if sel.mode not in ("max", "min"):
         raise SpecError(f"{file}: selection.mode must be max or min")
 
-    f = out["final"]
-    if not f["seeds"] or not all(isinstance(x, int) and not isinstance(x, bool) for x in f["seeds"]):
+    f = sections["final"]
+    if not f.seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in f.seeds):
         raise SpecError(f"{file}: final.seeds must be a non-empty list of integers")
-    if len(set(f["seeds"])) != len(f["seeds"]):
+    if len(set(f.seeds)) != len(f.seeds):
         raise SpecError(f"{file}: final.seeds has duplicates")
-    if f["epochs"] is not None and f["epochs"] < 1:
+    if f.epochs is not None and f.epochs < 1:
         raise SpecError(f"{file}: final.epochs must be >= 1")
 
-    model = raw.get("model") or {}
-    if not isinstance(model, dict):
-        raise SpecError(f"{file}: model: expected a mapping")
+    blocks = {}
+    for key in ("model", "fixed", "search_space"):
+        blocks[key] = dict(raw.get(key) or {})
+        if not isinstance(raw.get(key) or {}, dict):
+            raise SpecError(f"{file}: {key}: expected a mapping")
+    model, fixed, space = blocks["model"], blocks["fixed"], blocks["search_space"]
     _check_settings(model, "model", file, allow=("pretrained",))
-    fixed = raw.get("fixed") or {}
-    if not isinstance(fixed, dict):
-        raise SpecError(f"{file}: fixed: expected a mapping")
     _check_settings(fixed, "fixed", file)
-    space = raw.get("search_space") or {}
-    if not isinstance(space, dict):
-        raise SpecError(f"{file}: search_space: expected a mapping")
     _check_settings(space, "search_space", file, values=False)
     for key, dist in space.items():
         _check_distribution(key, dist, file)
     overlap = sorted((set(model) | set(fixed)) & set(space))
     if overlap:
         raise SpecError(f"{file}: search_space.{overlap[0]} is also fixed in model/fixed")
-    out["model"], out["fixed"], out["search_space"] = model, fixed, space
+    arms = _arms(raw.get("arms"), model.pop("pretrained", False), unmatched, b.max_epochs, file)
 
-    arms = raw.get("arms")
-    if not isinstance(arms, list) or not arms:
+    spec = Spec(file, name, str(raw.get("description", "")), seed, unmatched, d, model, arms, space, fixed, b, r, sel,
+                f)
+    # Every configuration this spec can produce must be a valid TrainConfig: all the sampled ones,
+    # and every option of every choice (one the seed happens not to draw is still an error).
+    samples = sample_configs(spec)
+    samples += [{**samples[0], key: option} for key, dist in space.items() if "choice" in dist
+                for option in dist["choice"]]
+    for arm in arms:
+        for sample in samples:
+            try:
+                trial_config(spec, arm.name, sample, seed=seed)
+            except ConfigError as e:
+                raise SpecError(str(e)) from None  # already names the file and the arm
+    return spec
+
+
+def _arms(given, pretrained: bool | str, unmatched: bool, max_epochs: int, file: str) -> list[Arm]:
+    """The arms: a backbone name or {name, backbone, pretrained}; ``settings`` only when unmatched."""
+    if not isinstance(given, list) or not given:
         raise SpecError(f"{file}: arms must be a non-empty list")
-    seen = set()
-    resolved_arms = []
-    for i, arm in enumerate(arms):
+    allowed = {"name", "backbone", "pretrained"} | ({"settings"} if unmatched else set())
+    arms: list[Arm] = []
+    for i, arm in enumerate(given):
         where = f"{file}: arms[{i}]"
         if isinstance(arm, str):
             arm = {"backbone": arm}
         if not isinstance(arm, dict) or "backbone" not in arm:
             raise SpecError(f"{where}: expected a backbone name or a mapping with 'backbone'")
-        allowed = ARM_KEYS | ({"settings"} if out["unmatched"] else set())
         for key in arm:
             if key not in allowed:
                 if key in _train_fields() or key == "settings":
                     raise SpecError(f"{where}.{key}: arms may not override {key!r}: every arm shares the search "
                                     "space, budget, split and seeds (only unmatched: true specs may)")
                 raise SpecError(f"{where}: unknown key {key!r} (arms take {', '.join(sorted(allowed))})")
-        arm = {"name": arm.get("name", arm["backbone"]), "backbone": arm["backbone"],
-               "pretrained": arm.get("pretrained", model.get("pretrained", False))} | (
-            {"settings": arm["settings"]} if "settings" in arm else {})
-        _check_type(arm["pretrained"], (bool, str), f"{where}.pretrained")
-        if "settings" in arm:
-            if not isinstance(arm["settings"], dict):
-                raise SpecError(f"{where}.settings: expected a mapping")
-            _check_settings(arm["settings"], f"arms[{i}].settings", file, allow=("epochs",))
-            if arm["settings"].get("epochs", 0) > out["budget"]["max_epochs"]:
-                raise SpecError(f"{where}.settings.epochs: {arm['settings']['epochs']} is more than "
-                                f"budget.max_epochs={out['budget']['max_epochs']}, where the search stops every trial")
-        if arm["name"] in seen:
-            raise SpecError(f"{where}: duplicate arm name {arm['name']!r}")
-        seen.add(arm["name"])
-        resolved_arms.append(arm)
-    out["arms"] = resolved_arms
-    if "pretrained" in model:
-        del model["pretrained"]  # carried per arm from here on
-
-    # Every configuration this spec can produce must be a valid TrainConfig: all the sampled ones,
-    # and every option of every choice (one the seed happens not to draw is still an error).
-    samples = sample_configs(Spec(file, out))
-    samples += [{**samples[0], key: option} for key, dist in space.items() if "choice" in dist
-                for option in dist["choice"]]
-    for arm in out["arms"]:
-        for sample in samples:
-            try:
-                trial_config(Spec(file, out), arm["name"], sample, seed=out["seed"])
-            except ConfigError as e:
-                raise SpecError(str(e)) from None  # already names the file and the arm
-    return Spec(file, out)
+        _check_type(arm.get("pretrained", pretrained), (bool, str), f"{where}.pretrained")
+        settings = arm.get("settings", {})
+        if not isinstance(settings, dict):
+            raise SpecError(f"{where}.settings: expected a mapping")
+        _check_settings(settings, f"arms[{i}].settings", file, allow=("epochs",))
+        if settings.get("epochs", 0) > max_epochs:
+            raise SpecError(f"{where}.settings.epochs: {settings['epochs']} is more than "
+                            f"budget.max_epochs={max_epochs}, where the search stops every trial")
+        arms.append(Arm(arm.get("name", arm["backbone"]), arm["backbone"], arm.get("pretrained", pretrained),
+                        settings))
+        if arms[-1].name in [a.name for a in arms[:-1]]:
+            raise SpecError(f"{where}: duplicate arm name {arms[-1].name!r}")
+    return arms
 
 
 def load_resolved(path: str | Path) -> Spec:
@@ -368,16 +439,18 @@ def validate_text(text: str, path: str) -> Spec:
 
 
 def sample_configs(spec: Spec, n: int | None = None) -> list[dict]:
-    """The ``samples_per_arm`` hyperparameter configurations every arm is trained on.
+    """The ``samples_per_arm`` hyperparameter configurations every arm is trained on."""
+    return draw_configs(spec.search_space, spec.budget.samples_per_arm if n is None else n, spec.seed)
 
-    Drawn once from a generator seeded by the spec's seed, so all arms see identical values.
-    """
-    n = spec.raw["budget"]["samples_per_arm"] if n is None else n
-    rng = np.random.default_rng([spec.raw["seed"], 7])
+
+def draw_configs(space: dict, n: int, seed: int) -> list[dict]:
+    """``n`` configurations drawn from a search space by a generator seeded once from ``seed``,
+    so every arm sees identical values."""
+    rng = np.random.default_rng([seed, 7])
     configs = []
     for _ in range(n):
         cfg = {}
-        for key, dist in sorted(spec.raw["search_space"].items()):
+        for key, dist in sorted(space.items()):
             kind, args = next(iter(dist.items()))
             if kind == "loguniform":
                 value = float(math.exp(rng.uniform(math.log(args[0]), math.log(args[1]))))
@@ -396,10 +469,10 @@ def trial_config(spec: Spec, arm_name: str, sample: dict, *, seed: int, evaluate
                  epochs: int | None = None) -> TrainConfig:
     """The full training configuration of one (arm, sampled configuration, seed)."""
     arm = spec.arm(arm_name)
-    values = {**spec.raw["model"], **spec.raw["fixed"], **arm.get("settings", {}), **sample}
-    values.update(backbone=arm["backbone"], pretrained=arm["pretrained"], image_size=spec.raw["data"]["image_size"],
-                  seed=seed, epochs=epochs or spec.epochs_for(arm_name), evaluate_test=evaluate_test,
-                  study=spec.raw["name"], arm=arm_name, spec_hash=spec.hash)
+    values = {**spec.model, **spec.fixed, **arm.settings, **sample}
+    values.update(backbone=arm.backbone, pretrained=arm.pretrained, image_size=spec.data.image_size, seed=seed,
+                  epochs=epochs or spec.epochs_for(arm_name), evaluate_test=evaluate_test, study=spec.name,
+                  arm=arm_name, spec_hash=spec.hash)
     return TrainConfig.from_dict(values, where=f"{spec.path}: arm {arm_name}")
 
 

@@ -58,10 +58,10 @@ def status(sdir: str) -> str:
     if not storage.exists(storage.join(sdir, "spec.yaml")):
         raise specs.SpecError(f"{sdir}: not a study directory (no spec.yaml)")
     spec = specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
-    metric, sign = spec.selection["metric"], 1 if spec.selection["mode"] == "max" else -1
+    metric, sign = spec.selection.metric, 1 if spec.selection.mode == "max" else -1
     stops = asha_stops(sdir)
     lines = [f"study {spec.name} ({spec.hash}), engine {spec.engine}", f"  {sdir}"]
-    planned = {SEARCH: spec.budget["samples_per_arm"], FINAL: len(spec.final["seeds"])}
+    planned = {SEARCH: spec.budget.samples_per_arm, FINAL: len(spec.final.seeds)}
     for phase in (SEARCH, FINAL):
         trials = phase_trials(sdir, phase)
         if trials is None:

@@ -22,10 +22,10 @@ import pandas as pd
 import ray
 from ray import tune
 
-from . import console, data, evaluation, runtime, spec as specs, storage, training
+from . import console, data, evaluation, models, runtime, spec as specs, storage, training
 from .config import TrainConfig
 from .errors import CxrError
-from .scheduler import PerArmASHA, rung_milestones
+from .scheduler import PerArmASHA
 from .status import FINAL, SEARCH, asha_stops, trial_id_of, trial_label
 
 class StudyError(CxrError, RuntimeError):
@@ -67,15 +67,15 @@ def trial_resources(spec: specs.Spec) -> dict:
     r = spec.resources
     if spec.engine == "train":
         return {"memory": 64 * 1024**2}
-    return {"cpu": r["cpus_per_worker"], "gpu": r["gpus_per_worker"], **r["worker_resources"]}
+    return {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker, **r.worker_resources}
 
 
 def phase_tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) -> tune.Tuner:
     """The Tune experiment of one phase; restored (not restarted) when it already exists."""
     r = spec.resources
-    settings = {"engine": spec.engine, "runs": storage.join(sdir, "runs"), "workers": r["workers_per_trial"],
-                "cpus": r["cpus_per_worker"], "gpus": r["gpus_per_worker"], "max_failures": r["max_failures"],
-                "custom": r["worker_resources"]}
+    settings = {"engine": spec.engine, "runs": storage.join(sdir, "runs"), "workers": r.workers_per_trial,
+                "cpus": r.cpus_per_worker, "gpus": r.gpus_per_worker, "max_failures": r.max_failures,
+                "custom": r.worker_resources}
     trainable = tune.with_resources(tune.with_parameters(run_trial, data_ref=[data_ref], plans=plans,
                                                          settings=settings), trial_resources(spec))
     path = storage.join(sdir, phase)
@@ -84,22 +84,22 @@ def phase_tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) 
     scheduler = None
     if phase == SEARCH:
         b = spec.budget
-        scheduler = PerArmASHA(metric=spec.selection["metric"], mode=spec.selection["mode"], max_t=b["max_epochs"],
-                               grace_period=b["grace_period"], reduction_factor=b["reduction_factor"],
+        scheduler = PerArmASHA(metric=spec.selection.metric, mode=spec.selection.mode, max_t=b.max_epochs,
+                               grace_period=b.grace_period, reduction_factor=b.reduction_factor,
                                state_path=storage.join(sdir, "asha_state.json"))
         # config_id outermost: arms advance through the configurations side by side
         space = {"config_id": tune.grid_search(sorted({p["config_id"] for p in plans.values()})),
                  "arm": tune.grid_search(spec.arm_names), "seed": spec.seed}
     else:
-        space = {"seed": tune.grid_search(spec.final["seeds"]), "arm": tune.grid_search(spec.arm_names)}
+        space = {"seed": tune.grid_search(spec.final.seeds), "arm": tune.grid_search(spec.arm_names)}
     return tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=r["max_concurrent_trials"],
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=r.max_concurrent_trials,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
                                     reuse_actors=spec.engine == "tune"),
         run_config=tune.RunConfig(name=phase, storage_path=sdir,
-                                  failure_config=tune.FailureConfig(max_failures=r["max_failures"]),
+                                  failure_config=tune.FailureConfig(max_failures=r.max_failures),
                                   callbacks=[console.StudyProgress(spec, phase, plans)], verbose=0),
     )
 
@@ -118,7 +118,7 @@ def search_plans(spec: specs.Spec, configs: list[dict]) -> dict[str, dict]:
 def final_plans(spec: specs.Spec, best: dict[str, dict]) -> dict[str, dict]:
     """Each arm's best configuration with every final seed, trained for the same epochs."""
     plans = {}
-    for seed in spec.final["seeds"]:
+    for seed in spec.final.seeds:
         for arm in spec.arm_names:
             b = best[arm]
             cfg = specs.trial_config(spec, arm, b["params"], seed=seed, evaluate_test=True,
@@ -168,8 +168,8 @@ def _relative(path: str, sdir: str) -> str:
 def trial_summary(trials: pd.DataFrame, spec: specs.Spec, stops: dict) -> pd.DataFrame:
     """One row per trial, every trial of the phase included: last epoch, best and last metric,
     outcome (completed, stopped by ASHA, unfinished, error), times."""
-    metric = spec.selection["metric"]
-    sign = 1 if spec.selection["mode"] == "max" else -1
+    metric = spec.selection.metric
+    sign = 1 if spec.selection.mode == "max" else -1
     rows = []
     for tid, g in trials.groupby("trial_id", sort=False):
         first = g.iloc[0]
@@ -204,9 +204,9 @@ def trial_summary(trials: pd.DataFrame, spec: specs.Spec, stops: dict) -> pd.Dat
 def budget_table(summary: pd.DataFrame, spec: specs.Spec) -> pd.DataFrame:
     """What each arm consumed: trials, epochs, trials reaching each rung, compute seconds."""
     r, b = spec.resources, spec.budget
-    accel = "gpu" if r["gpus_per_worker"] > 0 else "cpu"
-    per_worker = r["gpus_per_worker"] if accel == "gpu" else r["cpus_per_worker"]
-    milestones = rung_milestones(b["grace_period"], b["max_epochs"], b["reduction_factor"]) + [b["max_epochs"]]
+    accel = "gpu" if r.gpus_per_worker > 0 else "cpu"
+    per_worker = r.gpus_per_worker if accel == "gpu" else r.cpus_per_worker
+    milestones = b.milestones + [b.max_epochs]
     rows = []
     for arm in spec.arm_names:
         s = summary[summary["arm"] == arm]
@@ -214,7 +214,7 @@ def budget_table(summary: pd.DataFrame, spec: specs.Spec) -> pd.DataFrame:
                "stopped_early": int(s["outcome"].str.startswith("stopped").sum()),
                "completed": int((s["outcome"] == "completed").sum()),
                **{f"reached_epoch_{m}": int((s["epochs"] >= m).sum()) for m in sorted(set(milestones))},
-               f"{accel}_seconds": float(s["in_loop_s"].sum() * r["workers_per_trial"] * per_worker),
+               f"{accel}_seconds": float(s["in_loop_s"].sum() * r.workers_per_trial * per_worker),
                "wall_seconds": float(s["wall_s"].sum())}
         rows.append(row)
     return pd.DataFrame(rows)
@@ -222,8 +222,9 @@ def budget_table(summary: pd.DataFrame, spec: specs.Spec) -> pd.DataFrame:
 
 def best_configs(summary: pd.DataFrame, spec: specs.Spec, configs: list[dict]) -> dict[str, dict]:
     """Each arm's best configuration: among trials that ran the full budget (ASHA's survivors),
-    the best last-epoch selection metric; all trials of the arm if none finished."""
-    metric, mode = spec.selection["metric"], spec.selection["mode"]
+    the best last-epoch selection metric; all trials of the arm if none finished. With the
+    parameter count of the model it trains (the report shows accuracy against size)."""
+    metric, mode = spec.selection.metric, spec.selection.mode
     best = {}
     for arm in spec.arm_names:
         s = summary[summary["arm"] == arm].dropna(subset=[f"last_{metric}"])
@@ -233,15 +234,17 @@ def best_configs(summary: pd.DataFrame, spec: specs.Spec, configs: list[dict]) -
         pool = done if len(done) else s
         row = pool.sort_values(f"last_{metric}", ascending=mode == "min", kind="stable").iloc[0]
         cid = int(row["config_id"])
+        cfg = specs.trial_config(spec, arm, configs[cid], seed=spec.seed)
         best[arm] = {"config_id": cid, "params": configs[cid], "trial_id": row["trial_id"],
-                     metric: float(row[f"last_{metric}"]), "epochs": int(row["epochs"])}
+                     metric: float(row[f"last_{metric}"]), "epochs": int(row["epochs"]),
+                     "parameters": models.parameter_count(cfg)}
     return best
 
 
 def phase_efficiency(trials: pd.DataFrame, spec: specs.Spec, start: float, end: float) -> dict:
     """How busy the phase kept its trial slots: time in training loops of the epochs that finished
     during this run of the phase, over wall time x concurrent trials (1.0: no start-up, no idle slot)."""
-    slots = spec.resources["max_concurrent_trials"]
+    slots = spec.resources.max_concurrent_trials
     mine = trials[(trials["finished_at"] >= start) & (trials["finished_at"] <= end)] if "finished_at" in trials \
         else trials.iloc[:0]
     in_loop = float(mine["epoch_time_s"].sum()) if len(mine) else 0.0
@@ -265,9 +268,9 @@ def study_dir(spec: specs.Spec, out: str | None, storage_root: str | None) -> st
 
 def prepare_data(spec: specs.Spec, sdir: str, progress: bool = True) -> data.Prepared:
     d = spec.data
-    prepared = data.prepare(d["source"], d["path"], d["image_size"], None, val_fraction=d["val_fraction"],
-                            test_fraction=d["test_fraction"], seed=spec.seed, strict=d["strict"],
-                            use_official_test=d["use_official_test"], synthetic_images=d["synthetic_images"],
+    prepared = data.prepare(d.source, d.path, d.image_size, None, val_fraction=d.val_fraction,
+                            test_fraction=d.test_fraction, seed=spec.seed, strict=d.strict,
+                            use_official_test=d.use_official_test, synthetic_images=d.synthetic_images,
                             progress=progress)
     for name in ("val", "test"):
         labels = prepared.cache.index["label"].to_numpy()[prepared.rows[name]]
@@ -283,20 +286,20 @@ def check_capacity(spec: specs.Spec) -> None:
     """Refuse a trial the cluster can never place, instead of waiting forever."""
     r = spec.resources
     total = ray.cluster_resources()
-    need_cpu = r["workers_per_trial"] * r["cpus_per_worker"]
-    need_gpu = r["workers_per_trial"] * r["gpus_per_worker"]
+    need_cpu = r.workers_per_trial * r.cpus_per_worker
+    need_gpu = r.workers_per_trial * r.gpus_per_worker
     autoscaling = bool(os.environ.get("RAY_ADDRESS"))  # a cluster may add nodes on demand
     if not autoscaling and (need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0)):
         raise StudyError(f"one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU "
                          f"(resources.workers_per_trial x cpus/gpus_per_worker) but this Ray instance has "
                          f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU")
-    for name, amount in r["worker_resources"].items():
-        if not autoscaling and r["workers_per_trial"] * amount > total.get(name, 0):
-            raise StudyError(f"one trial needs {r['workers_per_trial'] * amount:g} of resource {name!r} "
+    for name, amount in r.worker_resources.items():
+        if not autoscaling and r.workers_per_trial * amount > total.get(name, 0):
+            raise StudyError(f"one trial needs {r.workers_per_trial * amount:g} of resource {name!r} "
                              f"(resources.worker_resources) but this Ray instance has {total.get(name, 0):g}")
-    fits = int(total.get("CPU", 0) // need_cpu) if need_cpu else r["max_concurrent_trials"]
-    if not autoscaling and r["max_concurrent_trials"] > fits:
-        print(f"note: resources.max_concurrent_trials={r['max_concurrent_trials']} but only {fits} trial(s) fit "
+    fits = int(total.get("CPU", 0) // need_cpu) if need_cpu else r.max_concurrent_trials
+    if not autoscaling and r.max_concurrent_trials > fits:
+        print(f"note: resources.max_concurrent_trials={r.max_concurrent_trials} but only {fits} trial(s) fit "
               f"at once on this Ray instance; the rest will queue", file=sys.stderr)
 
 
@@ -341,7 +344,7 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     # Phase 2: search.
     plans = search_plans(spec, configs)
     print(f"search: {len(spec.arm_names)} arms x {len(configs)} configurations = {len(plans)} trials, "
-          f"up to {spec.budget['max_epochs']} epochs each, {spec.resources['max_concurrent_trials']} at a time "
+          f"up to {spec.budget.max_epochs} epochs each, {spec.resources.max_concurrent_trials} at a time "
           f"(engine {spec.engine})", flush=True)
     phases = {}
     t0 = time.time()
@@ -360,7 +363,7 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
 
     # Phase 3: final multi-seed training on the best configuration of each arm.
     fplans = final_plans(spec, best)
-    print(f"\nfinal: {len(spec.arm_names)} arms x {len(spec.final['seeds'])} seeds = {len(fplans)} runs", flush=True)
+    print(f"\nfinal: {len(spec.arm_names)} arms x {len(spec.final.seeds)} seeds = {len(fplans)} runs", flush=True)
     t0 = time.time()
     final_results = phase_tuner(spec, sdir, FINAL, fplans, data_ref).fit()
     final_trials = collect_trials(final_results, sdir, FINAL, fplans)

@@ -326,7 +326,7 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
                 "checkpoint": f"runs/{tid}/checkpoint_{epoch:06d}"}
 
     # search: the real per-arm ASHA rule on simulated curves (good lr near 1e-3, better arms higher)
-    asha = PerArmASHA(metric="val_auroc", mode="max", max_t=spec.budget["max_epochs"], grace_period=1,
+    asha = PerArmASHA(metric="val_auroc", mode="max", max_t=spec.budget.max_epochs, grace_period=1,
                       reduction_factor=2, state_path=f"{sdir}/asha_state.json")
     rows = []
     for cid, params in enumerate(configs):
@@ -336,7 +336,7 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
             for epoch in range(1, spec.epochs_for(arm) + 1):
                 value = float(np.clip(quality - 0.2 * 0.5 ** epoch + rng.normal(0, 0.01), 0, 1))
                 rows.append(epoch_row("search", tid, arm, cid, spec.seed, params, epoch, value, len(rows)))
-                if epoch < spec.budget["max_epochs"] and asha.decide(tid, arm, epoch, value) == TrialScheduler.STOP:
+                if epoch < spec.budget.max_epochs and asha.decide(tid, arm, epoch, value) == TrialScheduler.STOP:
                     break
     trials = pd.DataFrame(rows)
     summary = study.trial_summary(trials, spec, asha.stopped)
@@ -351,7 +351,7 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
     y = index["label"].to_numpy()[test_rows]
     patient_effect = np.repeat(rng.normal(0, 0.6, len(test_rows) // 2), 2)  # hard patients are hard for every arm
     rows = []
-    for seed in spec.final["seeds"]:
+    for seed in spec.final.seeds:
         for a, arm in enumerate(spec.arm_names):
             tid = f"bbbbb_{seed * len(spec.arm_names) + a:05d}"
             params = best[arm]["params"]
@@ -363,7 +363,7 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
             ckpt = root / rows[-1]["checkpoint"]
             ckpt.mkdir(parents=True, exist_ok=True)
             np.save(ckpt / "test_probabilities.npy", (1 / (1 + np.exp(-logit))).astype(np.float32))
-            (ckpt / "meta.json").write_text(json.dumps({"backbone": spec.arm(arm)["backbone"],
+            (ckpt / "meta.json").write_text(json.dumps({"backbone": spec.arm(arm).backbone,
                                                        "threshold": 0.5 + 0.02 * (seed - 1)}))
     final_trials = pd.DataFrame(rows)
     storage.write_csv(f"{sdir}/final_trials.csv", final_trials)

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pandas as pd
+import pytest
 
 from cxr_ray import cli
 
@@ -69,3 +73,27 @@ def test_train_rejects_unknown_setting_before_starting_ray(capsys, tmp_path):
     assert code == 2 and "learning_rate" in err and "lr" in err
     code, _, err = run(capsys, "train", "--set", "lr", "--out", str(tmp_path))
     assert code == 2 and "KEY=VALUE" in err
+
+
+LIGHT = """
+import sys
+from cxr_ray import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit as e:
+    assert not e.code, e.code
+heavy = sorted(m for m in ("torch", "ray.train", "ray.tune", "timm") if m in sys.modules)
+print("HEAVY", ",".join(heavy))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["study", "status", "STUDY"], ["report", "STUDY"]],
+                         ids=["help", "status", "report"])
+def test_reading_commands_import_neither_torch_nor_ray_train(argv, fake_study_dir, tmp_path):
+    """`cxr-ray --help`, `study status` and `report` answer without loading the training stack."""
+    study = shutil.copytree(fake_study_dir, tmp_path / "fake")
+    argv = [str(study) if a == "STUDY" else a for a in argv]
+    out = subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    heavy = next(ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("HEAVY"))
+    assert heavy.removeprefix("HEAVY").strip() == "", heavy

@@ -101,7 +101,7 @@ def test_verdict_names_the_arm_the_numbers_say_is_best(finished, fake_study_dir)
     first = min((verdict.index(a), a) for a in ARMS if a in verdict)[1]
     assert first == FAKE_BEST_ARM
     top = summary.loc[summary["auroc"].idxmax()]
-    assert f"test AUROC {top['auroc']:.3f} ({top['auroc_ci_low']:.3f}–{top['auroc_ci_high']:.3f})" in verdict
+    assert f"test AUROC {top['auroc']:.3f} ({top['auroc_ci_low']:.3f}-{top['auroc_ci_high']:.3f})" in verdict
     assert f"accuracy {top['accuracy']:.3f}" in verdict
     assert "significantly worse" in verdict  # the fake's other arms are clearly worse
 

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from cxr_ray.scheduler import PerArmASHA, rung_milestones
+from cxr_ray.scheduler import PerArmASHA
+from cxr_ray.spec import rung_milestones
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
