@@ -60,8 +60,8 @@ def main() -> int:
     args = parse_args()
     if not Path(args.path).is_dir():
         print(f"bench_decode: data folder {args.path} is absent; this benchmark needs the shared real data "
-              f"at {DATA} (see its README.md). Skipped: nothing measured.", file=sys.stderr)
-        return 0
+              f"at {DATA} (see its README.md). Nothing measured.", file=sys.stderr)
+        return 1
     if args.repeat < 1:
         print("bench_decode: --repeat must be >= 1", file=sys.stderr)
         return 2

@@ -18,6 +18,8 @@ IMBALANCE = ("weighted_loss", "sampler", "none")
 # Dense(hidden=16, ReLU) -> Dropout -> Dense(1).
 HEADS = ("linear", "keras16")
 ENGINES = ("auto", "tune", "train")  # how a study runs a trial: see study.py
+# Validation metrics a run reports every epoch that a study may select on (and that runs export as gauges).
+SELECTION_METRICS = ("val_auroc", "val_accuracy_youden", "val_f1_youden", "val_loss")
 
 
 class ConfigError(CxrError, ValueError):

@@ -18,10 +18,14 @@ import pandas as pd
 
 from . import metrics, storage
 from .data import Prepared
+from .errors import CxrError
 from .spec import Spec
 
 ALPHA = 0.05
-METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "ece")
+
+
+class EvaluationError(CxrError, RuntimeError):
+    """Nothing to evaluate; the message says where to look."""
 
 
 def _seed_mean(metric: str, thresholds: np.ndarray):
@@ -75,7 +79,8 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
         per_run.append({"arm": arm, "seed": s, "threshold": run["threshold"], "val_auroc": run["val_auroc"],
                         **metrics.summary(y, run["probs"], run["threshold"]), "checkpoint": run["checkpoint"]})
     if not per_run:
-        raise RuntimeError(f"{sdir}: no final run produced test predictions")
+        raise EvaluationError(f"{sdir}: no final run produced test predictions; see final_trials.csv and the "
+                              f"trials' error.txt under final/")
     per_run = pd.DataFrame(per_run)
 
     arms = [a for a in spec.arm_names if a in set(per_run["arm"])]
@@ -86,7 +91,7 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
     for a in arms:
         probs, thresholds = stacked[a]
         row = {"arm": a, "seeds": len(thresholds), "missing_seeds": len(spec.final.seeds) - len(thresholds)}
-        for m in METRICS:
+        for m in metrics.REPORTED:
             point, lo, hi = metrics.bootstrap_ci(_seed_mean(m, thresholds), [y, probs], patients, n_boot, seed)
             row |= {m: point, f"{m}_ci_low": lo, f"{m}_ci_high": hi,
                     f"{m}_seed_sd": float(per_run[per_run.arm == a][m].std(ddof=1)) if len(thresholds) > 1 else 0.0}
@@ -122,9 +127,9 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
     chosen = best_runs.iloc[0]  # the best arm's model to serve: chosen on validation, not test
     best = {"arm": best_arm, "seed": int(chosen["seed"]), "checkpoint": chosen["checkpoint"],
             "threshold": float(chosen["threshold"]),
-            "test_metrics": {m: float(summary.iloc[0][m]) for m in METRICS},
+            "test_metrics": {m: float(summary.iloc[0][m]) for m in metrics.REPORTED},
             "test_metrics_ci": {m: [float(summary.iloc[0][f"{m}_ci_low"]), float(summary.iloc[0][f"{m}_ci_high"])]
-                                for m in METRICS}}
+                                for m in metrics.REPORTED}}
     verdict = " ".join([verdict_text(summary, comparison, spec.final.bootstrap)] + caveats(spec, summary))
 
     storage.write_csv(storage.join(sdir, "predictions.csv"), pd.concat(pred_rows, ignore_index=True))

@@ -104,8 +104,11 @@ def calibration(y, p, bins: int = 10) -> tuple[float, list[dict]]:
     return float(ece), table
 
 
+REPORTED = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "ece")
+
+
 def summary(y, p, threshold: float) -> dict[str, float]:
-    """The metrics every report line carries, at ``threshold``."""
+    """The metrics every report line carries (``REPORTED``), at ``threshold``."""
     c = confusion(y, p, threshold)
     return {"auroc": auroc(y, p), "accuracy": c["accuracy"], "sensitivity": c["sensitivity"],
             "specificity": c["specificity"], "f1": c["f1"], "ece": calibration(y, p)[0]}

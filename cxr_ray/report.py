@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import evaluation, figures, spec as specs, storage
+from . import evaluation, figures, metrics, spec as specs, storage
 from .figures import METRIC_LABELS
 from .results import Missing, Study
 
@@ -259,7 +259,8 @@ def tables(s: Study) -> list[Block]:
 def final_metrics_table(s: Study) -> pd.DataFrame:
     s.need("summary.csv")
     rows = [{"arm": r["arm"], "seeds": int(r["seeds"]), "missing seeds": int(r["missing_seeds"]),
-             **{METRIC_NAMES.get(m, m): evaluation.ci_text(r, m) for m in evaluation.METRICS}, "AUROC seed SD": r["auroc_seed_sd"]}
+             **{METRIC_NAMES.get(m, m): evaluation.ci_text(r, m) for m in metrics.REPORTED},
+             "AUROC seed SD": r["auroc_seed_sd"]}
             for _, r in s.summary.iterrows()]
     return pd.DataFrame(rows)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .config import ENGINES, ConfigError, TrainConfig
+from .config import ENGINES, SELECTION_METRICS, ConfigError, TrainConfig
 from .data import SOURCES
 from .errors import CxrError
 
@@ -29,7 +29,6 @@ DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 # Settings the study owns: a search space or fixed block may not set them.
 STUDY_OWNED = {"backbone", "pretrained", "image_size", "seed", "epochs", "evaluate_test", "study", "arm",
                "spec_hash", "extra", "threads"}
-SELECTION_METRICS = ("val_auroc", "val_accuracy_youden", "val_f1_youden", "val_loss")
 
 
 # ----------------------------------------------------------------------------- the sections

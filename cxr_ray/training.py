@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from . import metrics, models, storage
-from .config import ConfigError, TrainConfig
+from .config import SELECTION_METRICS, ConfigError, TrainConfig
 from .errors import CxrError
 
 
@@ -282,7 +282,7 @@ def export_gauges(cfg: TrainConfig, trial: str, report: dict) -> None:
     tags = {"study": cfg.study or "-", "arm": cfg.arm or cfg.backbone, "trial": trial}
     _GAUGES["images_per_second"].set(report["images_per_s"], tags=tags)
     _GAUGES["epoch"].set(report["epoch"], tags=tags)
-    for name in ("val_auroc", "val_loss", "val_accuracy_youden", "val_f1_youden"):
+    for name in SELECTION_METRICS:
         _GAUGES["metric"].set(report[name], tags=tags | {"metric": name})
 
 

@@ -21,12 +21,35 @@ def _no_home_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path_factory.getbasetemp() / "default-cache"))
 
 
+def needed(what: str) -> None:
+    """A prerequisite is missing: skipped on a developer's machine, a failure under CI (CI=true),
+    where .ci/run provides everything, so that a green CI has run every test."""
+    import os
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (required under CI)")
+    pytest.skip(what)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data`` from the repo root; the test is skipped when it is not there."""
+    """``../shared/data`` from the repo root (see README 'Real data')."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}: see README 'Real data'")
+        needed(f"real data not found at {SHARED_DATA}: see README 'Real data'")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance started the way studies start it (dashboard on 127.0.0.1); its URL.
+    Shut down afterwards unless the test found Ray already running."""
+    import ray
+
+    from cxr_ray import runtime
+    started = not ray.is_initialized()
+    url = runtime.connect(num_cpus=2, quiet=True)
+    yield url
+    if started:
+        ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- Kaggle tree
@@ -393,7 +416,4 @@ def chromium() -> str:
     for candidate in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium"):
         if candidate and os.path.exists(candidate):
             return candidate
-    message = "chromium is not installed (apt-get install chromium; .ci/run installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    needed("chromium is not installed (apt-get install chromium; .ci/run installs it)")

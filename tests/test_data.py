@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -31,10 +32,12 @@ def with_sha1(source: data.Source) -> pd.DataFrame:
 
 
 def assert_no_leak(split: pd.DataFrame) -> None:
+    """No two of train/val/test share a patient or an image's bytes."""
     used = split[split["split"] != "excluded"]
     for key in ("patient", "sha1"):
-        spread = used.groupby(key)["split"].nunique()
-        assert (spread == 1).all(), f"{key} in several splits: {list(spread[spread > 1].index[:5])}"
+        members = {name: set(g[key]) for name, g in used.groupby("split")}
+        for a, b in itertools.combinations(sorted(members), 2):
+            assert not members[a] & members[b], f"{key} in {a} and {b}: {sorted(members[a] & members[b])[:5]}"
 
 
 # ----------------------------------------------------------------------------- patient ids

@@ -13,21 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 
 from conftest import dashboard_get, scrape_metrics
 from cxr_ray import data, runtime, spec as specs, study
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    url = runtime.connect(num_cpus=2, quiet=True)
-    yield url
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

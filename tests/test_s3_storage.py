@@ -67,10 +67,16 @@ def test_study_report_and_serving_on_s3(s3_env, tmp_path, engine):
     assert report.returncode == 0, report.stderr[-3000:]
     assert b"lcnet_050" in storage.read_bytes(index)
 
-    # Serving fetches the best checkpoint from S3 and scores with it.
+    # Serving fetches the best checkpoint from S3 and scores a test image as the study did.
+    import numpy as np
+
+    from cxr_ray import data
     choice = serving.choose_model(study)
     assert choice.identity["arm"] == "lcnet_050" and choice.identity["study"] == "on_s3"
     predictor = serving.Predictor(choice)
-    import numpy as np
-    p = predictor.probabilities([np.full((32, 32), 128, np.uint8)])
-    assert p.shape == (1,) and 0 <= p[0] <= 1
+    best = storage.read_json(storage.join(study, "best.json"))
+    predictions = storage.read_csv(storage.join(study, "predictions.csv"))
+    served = predictions[(predictions["arm"] == best["arm"]) & (predictions["seed"] == best["seed"])].iloc[0]
+    cache = data.prepare("synthetic", None, 32, None, synthetic_images=300, progress=False).cache  # pixels: a pure function of seed and size
+    pixels = cache.images[int(np.flatnonzero(cache.index["item"] == served["item"])[0])]
+    assert predictor.probabilities([pixels])[0] == pytest.approx(served["probability"], abs=1e-5)

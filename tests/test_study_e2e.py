@@ -18,7 +18,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import CLI, TINY_SPEC, kill_session
-from cxr_ray import report
+from cxr_ray import metrics, report
+from cxr_ray.status import trial_id_of
 
 pytestmark = pytest.mark.e2e
 ENGINES = ("tune", "train")
@@ -37,7 +38,7 @@ def with_engine(spec: str, engine: str) -> str:
 
 def trial_results(study: Path) -> dict[str, list[dict]]:
     """Each search trial's per-epoch history (its run's metrics.csv), keyed by trial id."""
-    search = {p.name.rsplit("-", 1)[-1] for p in study.glob("search/*-*_*") if p.is_dir()}
+    search = {trial_id_of(p.name) for p in study.glob("search/*-*_*") if p.is_dir()}
     out = {}
     for f in sorted(study.glob("runs/*/metrics.csv")):
         if f.parent.name in search:
@@ -167,7 +168,7 @@ def test_final_evaluation_tables(studies, engine):
     assert sorted(zip(final["arm"], final["seed"])) == [("lcnet_050", 0), ("lcnet_050", 1),
                                                         ("mobilenetv3_small_050", 0), ("mobilenetv3_small_050", 1)]
     summary_csv = pd.read_csv(study / "summary.csv")
-    for m in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "ece"):
+    for m in metrics.REPORTED:
         assert (summary_csv[f"{m}_ci_low"] <= summary_csv[m]).all()
         assert (summary_csv[m] <= summary_csv[f"{m}_ci_high"]).all()
     best = json.loads((study / "best.json").read_text())

@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import torch
 
 from conftest import CLI, dashboard_get, kill_session, scrape_metrics
@@ -25,15 +24,6 @@ SIZE = 32
 def prepared(tmp_path_factory):
     return data.prepare("synthetic", None, SIZE, None, synthetic_images=240, cache_root=tmp_path_factory.mktemp("c"),
                         progress=False)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    url = runtime.connect(num_cpus=2, quiet=True)
-    yield url
-    if started:
-        ray.shutdown()
 
 
 def train_config(**kw) -> config.TrainConfig:
