@@ -117,7 +117,8 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
                                                             "ece")}
     local = storage.local_dir(storage.join(sdir, relative))
     meta = json.loads(Path(local, "meta.json").read_text())
-    identity = {"study": meta["study"], "arm": arm, "seed": seed, "checkpoint": relative, "spec_hash": meta["spec_hash"]}
+    identity = {"study": meta["study"], "arm": arm, "seed": seed, "checkpoint": relative,
+                "spec_hash": meta["spec_hash"]}
     return ModelChoice(local, identity, metrics, sdir)
 
 
@@ -219,7 +220,7 @@ class _Decoder:
 
 
 class DecodePool:
-    """``workers`` decoder processes (``python -m cxr_ray.imaging SIZE``) behind one queue.
+    """``workers`` decoder processes (``python -m cxr_ray.imaging SIZE MEMORY_MB``) behind one queue.
 
     A decode that outlives its request's decoder time is killed with its process (a thread could
     not be stopped); a decoder that crashes or runs out of its memory limit takes only itself down.
@@ -427,7 +428,7 @@ class Policy:
     def of(cls, limits: Limits) -> "Policy":
         bound = limits.bound_host.strip("[]").lower()
         wildcard = bound in ("0.0.0.0", "::", "")
-        hosts = {*LOCAL_HOSTS, *(h.strip("[]").lower() for h in limits.allowed_hosts)} | (set() if wildcard else {bound})
+        hosts = {*LOCAL_HOSTS, *(h.strip("[]").lower() for h in limits.allowed_hosts), *(() if wildcard else (bound,))}
         return cls(frozenset(hosts), wildcard, frozenset(o.rstrip("/").lower() for o in limits.allow_origins))
 
     def host_ok(self, host: str) -> bool:
