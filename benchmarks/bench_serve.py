@@ -26,7 +26,6 @@ resident memory (RSS) of the replica process and of its decoder child processes 
         [--bombs 2] [--bomb-concurrency 4]
 """
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -35,6 +34,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -89,7 +90,7 @@ def bare_app(study_dir: str, threads: int):
 
     if threads:
         torch.set_num_threads(threads)
-    predictor = serving.Predictor(serving.choose_model(study_dir))
+    predictor = serving.Predictor(model_choice(study_dir))
     app = FastAPI(title="cxr-ray bare baseline")
 
     def score(data: bytes) -> dict:
@@ -120,44 +121,32 @@ def run_bare_server(port: int, study_dir: str, threads: int) -> int:
 
 # ----------------------------------------------------------------------------- the model
 
-def make_study(root: Path, backbone: str, size: int) -> Path:
-    """A study directory as tests/test_serving.py's fixture makes one: one random-init checkpoint
-    plus the best.json, final.csv and summary.csv that serving reads."""
-    import pandas as pd
+def make_checkpoint(root: Path, backbone: str, size: int) -> Path:
+    """One random-init checkpoint in the training loop's format, served with ``checkpoint=``."""
     import torch
 
     from cxr_ray import config, models, training
 
     torch.manual_seed(0)
     cfg = config.TrainConfig(backbone=backbone, image_size=size, study="bench-serve", arm=backbone,
-                               spec_hash="bench")
-    model = models.build_model(cfg.backbone, image_size=size)  # pretrained=False: no download
-    model.eval()
+                             spec_hash="bench")
+    model = models.build_model(cfg.backbone, image_size=size).eval()  # pretrained=False: no download
     opt = training.make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    relative = "runs/t0/checkpoint_0"
-    (root / relative).mkdir(parents=True)
-    models.save_checkpoint(root / relative, model, opt, sched, 1, cfg, models.normalization(backbone),
-                             {"threshold": 0.5, "val_auroc": 0.5})
-    metrics = {m: 0.5 for m in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "ece")}
-    (root / "best.json").write_text(json.dumps({"arm": backbone, "seed": 0, "checkpoint": relative,
-                                                "test_metrics": metrics}))
-    pd.DataFrame([{"arm": backbone, "seed": 0, "val_auroc": 0.5, "checkpoint": relative}]).to_csv(
-        root / "final.csv", index=False)
-    pd.DataFrame([{"arm": backbone, **metrics}]).to_csv(root / "summary.csv", index=False)
+    root.mkdir(parents=True)
+    models.save_checkpoint(root, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1, cfg,
+                           models.normalization(backbone), {"threshold": 0.5, "val_auroc": 0.5})
     return root
 
 
+def model_choice(path: str):
+    """A study directory's best model, or one checkpoint directory (it holds meta.json)."""
+    from cxr_ray import serving
+    if (Path(path) / "meta.json").exists():
+        return serving.choose_model(checkpoint=path)
+    return serving.choose_model(path)
+
+
 # ----------------------------------------------------------------------------- load generation
-
-def machine() -> str:
-    try:
-        psi = Path("/proc/pressure/cpu").read_text().split()[1].replace("avg10=", "")
-        psi = f", cpu pressure {psi}% (avg10)"
-    except (OSError, IndexError):
-        psi = ""
-    return f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}{psi}, {os.cpu_count()} cores"
-
 
 def load_images(n: int) -> list[bytes]:
     """n JPEGs spread evenly over the sorted train split (both classes), read into memory."""
@@ -386,8 +375,8 @@ def main() -> int:
             study = Path(args.study).resolve()
             what = f"best model of study {study}"
         else:
-            study = make_study(Path(tmp.name) / "study", args.backbone, args.size)
-            what = f"random-init {args.backbone} at {args.size} px (temporary study {study})"
+            study = make_checkpoint(Path(tmp.name) / "checkpoint", args.backbone, args.size)
+            what = f"random-init {args.backbone} at {args.size} px (temporary checkpoint {study})"
         print(f"  model: {what}", flush=True)
 
         # (b) the bare server: its own process and session, CPU only like the Serve replica
@@ -414,7 +403,8 @@ def main() -> int:
         runtime.connect(num_cpus=2, quiet=True)
         serve_port = runtime.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
-        serve.run(serving.build(str(study), replicas=args.replicas, max_batch_size=args.max_batch_size,
+        where = {"checkpoint": str(study)} if (study / "meta.json").exists() else {"study_dir": str(study)}
+        serve.run(serving.build(**where, replicas=args.replicas, max_batch_size=args.max_batch_size,
                                 batch_wait_ms=args.batch_wait_ms), name="bench-serve", route_prefix="/")
         serve_url = f"http://127.0.0.1:{serve_port}"
         serve_health = wait_healthy(serve_url, None, 120)

@@ -177,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--gpus-per-replica", type=float, default=0)
     p.add_argument("--max-upload-mb", type=float, default=20)
+    p.add_argument("--upload-timeout-s", type=float, default=30.0, help="seconds to receive one request's body (408 after)")
+    p.add_argument("--decode-timeout-s", type=float, default=10.0,
+                   help="decoder seconds for all images of one request (422 after)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name to serve besides localhost and --host (repeatable)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin allowed to call the API cross-origin, e.g. https://viewer.example "
+                        "(repeatable; * for any)")
     p.set_defaults(func=cmd_serve)
     return parser
 

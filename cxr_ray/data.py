@@ -32,7 +32,7 @@ CLASSES = ("NORMAL", "PNEUMONIA")
 SOURCES = ("kaggle", "npz", "synthetic")
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png"}
-CACHE_VERSION = 1  # bump when decoding or geometry changes
+CACHE_VERSION = 2  # bump when decoding or geometry changes (2: crop before resize, libjpeg-turbo)
 SYNTHETIC_DEFAULT_IMAGES = 1200
 
 _PATIENT_PATTERNS = [

@@ -75,6 +75,73 @@ def youden_threshold(y, p) -> float:
     return float(ps[last][int(np.argmax(j))])
 
 
+def threshold_at_sensitivity(y, p, target: float) -> float:
+    """The highest threshold whose sensitivity is at least ``target`` (the most specific such point)."""
+    y, p = _arrays(y, p)
+    n_pos, _ = _need_both_classes(y, "a sensitivity target")
+    k = max(1, math.ceil(target * n_pos - 1e-9))
+    return float(np.sort(p[y == 1])[::-1][k - 1])
+
+
+def threshold_at_specificity(y, p, target: float) -> float:
+    """The lowest threshold whose specificity is at least ``target`` (the most sensitive such point):
+    just above the score of the k-th lowest-scoring negative."""
+    y, p = _arrays(y, p)
+    _, n_neg = _need_both_classes(y, "a specificity target")
+    k = max(1, math.ceil(target * n_neg - 1e-9))
+    return float(np.nextafter(np.sort(p[y == 0])[k - 1], np.inf))
+
+
+def logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def fit_platt(y, p) -> tuple[float, float]:
+    """Platt scaling: (a, b) of P(y=1) = sigmoid(a * logit(p) + b), by maximum likelihood."""
+    from scipy.optimize import minimize
+    y, p = _arrays(y, p)
+    _need_both_classes(y, "Platt scaling")
+    z = logit(p)
+
+    def nll(ab):
+        s = ab[0] * z + ab[1]
+        return float(np.sum(np.logaddexp(0, s) - y * s))
+
+    a, b = minimize(nll, np.array([1.0, 0.0]), method="BFGS").x
+    if not a > 0:
+        raise MetricError(f"Platt scaling found no increasing calibration (slope {a:.3g}): the scores do not rank "
+                          "the classes on this sample")
+    return float(a), float(b)
+
+
+def apply_platt(p, ab: tuple[float, float]) -> np.ndarray:
+    return 1 / (1 + np.exp(-(ab[0] * logit(p) + ab[1])))
+
+
+POLICIES = ("youden", "sensitivity", "specificity", "calibrated")
+
+
+def operating_point(policy: str, y, p, target: float | None = None) -> dict:
+    """Where to call an image positive, chosen on a labelled sample (validation, or a site's own):
+      youden       the threshold maximising sensitivity + specificity - 1
+      sensitivity  the most specific threshold whose sensitivity is at least ``target``
+      specificity  the most sensitive threshold whose specificity is at least ``target``
+      calibrated   Platt scaling fitted on the sample, then 0.5 on the calibrated probability
+    Returns the threshold on the raw probability and the Platt parameters (None unless calibrated);
+    Platt is increasing, so "calibrated >= 0.5" is "raw >= threshold"."""
+    if policy == "youden":
+        return {"threshold": youden_threshold(y, p), "platt": None}
+    if policy == "sensitivity":
+        return {"threshold": threshold_at_sensitivity(y, p, target), "platt": None}
+    if policy == "specificity":
+        return {"threshold": threshold_at_specificity(y, p, target), "platt": None}
+    if policy == "calibrated":
+        a, b = fit_platt(y, p)
+        return {"threshold": float(1 / (1 + math.exp(b / a))), "platt": (a, b)}
+    raise MetricError(f"unknown threshold policy {policy!r}: choose one of {', '.join(POLICIES)}")
+
+
 def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False-positive rate, true-positive rate and thresholds, from (0, 0) to (1, 1)."""
     y, p = _arrays(y, p)

@@ -862,10 +862,8 @@ def serve_blocking(args) -> None:
               "use with --allowed-host.", flush=True)
     app = build(args.dir, args.arm, args.checkpoint, args.replicas, args.max_replicas, args.max_batch_size,
                 args.batch_wait_ms, args.gpus_per_replica, args.max_upload_mb,
-                upload_timeout_s=getattr(args, "upload_timeout_s", Limits.upload_timeout_s),
-                decode_timeout_s=getattr(args, "decode_timeout_s", Limits.decode_timeout_s),
-                allowed_hosts=getattr(args, "allowed_host", None) or (),
-                allow_origins=getattr(args, "allow_origin", None) or (), host=args.host)
+                upload_timeout_s=args.upload_timeout_s, decode_timeout_s=args.decode_timeout_s,
+                allowed_hosts=args.allowed_host, allow_origins=args.allow_origin, host=args.host)
     runtime.connect()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="cxr-ray", route_prefix="/")

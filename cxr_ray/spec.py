@@ -23,6 +23,7 @@ import yaml
 
 from .config import ENGINES, SELECTION_METRICS, ConfigError, TrainConfig
 from .data import SOURCES
+from .metrics import POLICIES
 from .errors import CxrError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
@@ -90,6 +91,25 @@ class Final:
 
 
 @dataclass(frozen=True)
+class Threshold:
+    """How each final run picks its operating point on validation (metrics.operating_point)."""
+    policy: str = "youden"
+    target: float | None = None  # the sensitivity or specificity to reach, for those policies
+
+
+@dataclass(frozen=True)
+class External:
+    """A labelled set collected apart from the training data, scored once after the final phase."""
+    name: str
+    source: str
+    path: str | None = None
+    split: str | None = None  # only this source split (of a Kaggle layout or an npz); default: every image
+    synthetic_images: int = 300  # synthetic source only, as are the next two
+    synthetic_seed: int = 1
+    synthetic_shift: float = 0.0  # another exposure and noise level than the training data (0: the same)
+
+
+@dataclass(frozen=True)
 class Arm:
     name: str
     backbone: str
@@ -97,8 +117,10 @@ class Arm:
     settings: dict = field(default_factory=dict)  # only in an unmatched spec
 
 
-SECTIONS = {"data": DataSection, "budget": Budget, "resources": Resources, "selection": Selection, "final": Final}
-TOP_LEVEL = {"name", "description", "seed", "unmatched", "model", "arms", "search_space", "fixed"} | set(SECTIONS)
+SECTIONS = {"data": DataSection, "budget": Budget, "resources": Resources, "selection": Selection, "final": Final,
+            "threshold": Threshold}
+TOP_LEVEL = {"name", "description", "seed", "unmatched", "model", "arms", "search_space", "fixed",
+             "external"} | set(SECTIONS)
 
 
 def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
@@ -151,6 +173,8 @@ class Spec:
     resources: Resources
     selection: Selection
     final: Final
+    threshold: Threshold
+    external: list[External]
     recorded_hash: str | None = None  # a study's identity stays the hash it was started with
 
     @property
@@ -159,6 +183,7 @@ class Spec:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in ("path", "recorded_hash")}
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+        out["external"] = [dataclasses.asdict(e) for e in self.external]
         out["arms"] = [{k: v for k, v in dataclasses.asdict(a).items() if k != "settings" or v} for a in self.arms]
         return out
 
@@ -211,10 +236,10 @@ def _accepted(hint) -> tuple:
     return tuple(out)
 
 
-def _section(raw: dict, name: str, file: str):
+def _section(raw: dict, name: str, file: str, cls=None, given=None):
     """One section of the spec, checked against its dataclass: unknown keys, required keys, types."""
-    cls = SECTIONS[name]
-    given = raw.get(name) or {}
+    cls = cls or SECTIONS[name]
+    given = (raw.get(name) or {}) if given is None else given
     if not isinstance(given, dict):
         raise SpecError(f"{file}: {name}: expected a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -349,6 +374,15 @@ def validate(raw: dict, file: str = "spec") -> Spec:
     if sel.mode not in ("max", "min"):
         raise SpecError(f"{file}: selection.mode must be max or min")
 
+    t = sections["threshold"]
+    if t.policy not in POLICIES:
+        raise SpecError(f"{file}: threshold.policy must be one of {', '.join(POLICIES)} (got {t.policy!r})")
+    if (t.policy in ("sensitivity", "specificity")) != (t.target is not None):
+        raise SpecError(f"{file}: threshold.target is {'required' if t.target is None else 'only used'} with "
+                        f"policy sensitivity or specificity (policy {t.policy})")
+    if t.target is not None and not 0 < t.target < 1:
+        raise SpecError(f"{file}: threshold.target must be in (0, 1) (got {t.target})")
+
     f = sections["final"]
     if not f.seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in f.seeds):
         raise SpecError(f"{file}: final.seeds must be a non-empty list of integers")
@@ -373,8 +407,9 @@ def validate(raw: dict, file: str = "spec") -> Spec:
         raise SpecError(f"{file}: search_space.{overlap[0]} is also fixed in model/fixed")
     arms = _arms(raw.get("arms"), model.pop("pretrained", False), unmatched, b.max_epochs, file)
 
+    external = _externals(raw.get("external"), file)
     spec = Spec(file, name, str(raw.get("description", "")), seed, unmatched, d, model, arms, space, fixed, b, r, sel,
-                f)
+                f, t, external)
     # Every configuration this spec can produce must be a valid TrainConfig: all the sampled ones,
     # and every option of every choice (one the seed happens not to draw is still an error).
     samples = sample_configs(spec)
@@ -387,6 +422,27 @@ def validate(raw: dict, file: str = "spec") -> Spec:
             except ConfigError as e:
                 raise SpecError(str(e)) from None  # already names the file and the arm
     return spec
+
+
+def _externals(given, file: str) -> list[External]:
+    """External sets: each a named source, like ``data`` (its images are decoded at the study's size)."""
+    if given is None:
+        return []
+    if not isinstance(given, list):
+        raise SpecError(f"{file}: external must be a list of {{name, source, path}} mappings")
+    out = []
+    for i, entry in enumerate(given):
+        ext = _section({}, f"external[{i}]", file, External, entry)
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", ext.name):
+            raise SpecError(f"{file}: external[{i}].name must be a word of letters, digits, - and _ (got {ext.name!r})")
+        if ext.name in [e.name for e in out]:
+            raise SpecError(f"{file}: external[{i}]: duplicate name {ext.name!r}")
+        if ext.source not in SOURCES:
+            raise SpecError(f"{file}: external[{i}].source must be one of {', '.join(SOURCES)} (got {ext.source!r})")
+        if ext.source != "synthetic" and not ext.path:
+            raise SpecError(f"{file}: external[{i}].path is required for source {ext.source!r}")
+        out.append(ext)
+    return out
 
 
 def _arms(given, pretrained: bool | str, unmatched: bool, max_epochs: int, file: str) -> list[Arm]:

@@ -283,3 +283,44 @@ def test_paired_bootstrap_detects_a_real_difference():
     out = metrics.paired_bootstrap(metrics.auroc, [y, good], [y, weak], groups=np.arange(200), n=300)
     assert out["difference"] == pytest.approx(metrics.auroc(y, good) - metrics.auroc(y, weak))
     assert out["ci_low"] > 0 and out["p_value"] < 0.01
+
+
+# ----------------------------------------------------------------------------- operating points
+
+Y8 = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+P8 = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+
+
+@pytest.mark.parametrize("policy, target, threshold, sens, spec", [
+    ("sensitivity", 0.75, 0.7, 0.75, 1.0),   # 3 of 4 positives at or above 0.7; the highest such threshold
+    ("sensitivity", 1.0, 0.4, 1.0, 0.75),    # every positive: down to 0.4, which lets 0.6 through
+    ("specificity", 1.0, 0.6, 0.75, 1.0),    # every negative below: just above 0.6
+    ("specificity", 0.75, 0.3, 1.0, 0.75),   # 3 of 4 negatives below: just above 0.3
+    ("youden", None, 0.7, 0.75, 1.0),        # J = 0.75 at 0.7 (and at 0.4: ties go to the higher threshold)
+])
+def test_operating_points_by_hand(policy, target, threshold, sens, spec):
+    point = metrics.operating_point(policy, Y8, P8, target)
+    assert point["threshold"] == pytest.approx(threshold, abs=1e-12) and point["platt"] is None
+    c = metrics.confusion(Y8, P8, point["threshold"])
+    assert (c["sensitivity"], c["specificity"]) == (sens, spec)
+
+
+def test_platt_recovers_a_known_calibration_and_its_threshold():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.01, 0.99, 20000)
+    truth = 1 / (1 + np.exp(-(2.0 * metrics.logit(p) - 1.0)))  # the scores are miscalibrated this way
+    y = (rng.random(len(p)) < truth).astype(int)
+    a, b = metrics.fit_platt(y, p)
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(-1.0, abs=0.1)
+    point = metrics.operating_point("calibrated", y, p)
+    assert point["platt"] == (a, b)
+    # 0.5 on the calibrated probability is the raw threshold where 2 logit(p) - 1 = 0: p = sigmoid(0.5)
+    assert point["threshold"] == pytest.approx(1 / (1 + np.exp(-0.5)), abs=0.02)
+    assert metrics.apply_platt([point["threshold"]], (a, b))[0] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_platt_refuses_scores_that_do_not_rank_the_classes():
+    with pytest.raises(metrics.MetricError, match="no increasing calibration"):
+        metrics.fit_platt([1, 1, 1, 0, 0, 0], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    with pytest.raises(metrics.MetricError, match="unknown threshold policy"):
+        metrics.operating_point("f1", Y8, P8)
