@@ -9,6 +9,7 @@ import sys
 from . import data
 from .config import ConfigError, TrainConfig
 from .errors import CxrError
+from .metrics import POLICIES
 from .spec import yaml_load
 
 
@@ -88,6 +89,46 @@ def cmd_study_status(args) -> None:
     print(status.status(args.dir))
 
 
+def _labelled_set(args, name: str):
+    """An external set or site sample from --source/--path/--split (and the synthetic options)."""
+    from .spec import External, SpecError
+    if args.source != "synthetic" and not args.path:
+        raise SpecError(f"{name}: source {args.source} needs the path of its images")
+    return External(name, args.source, args.path, args.split, args.synthetic_images, args.synthetic_seed,
+                    args.synthetic_shift)
+
+
+def _study_spec(sdir: str):
+    from . import spec as specs, storage
+    sdir = storage.normalize(sdir)
+    if not storage.exists(storage.join(sdir, "best.json")):
+        raise specs.SpecError(f"{sdir}: no best.json; is the study finished? (cxr-ray study status {sdir})")
+    return sdir, specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
+
+
+def cmd_evaluate(args) -> None:
+    from . import external, report
+    sdir, spec = _study_spec(args.dir)
+    name, _, path = args.external.partition("=")
+    args.path = path or None
+    result = external.evaluate_set(spec, sdir, _labelled_set(args, name))
+    print(result["verdict"])
+    print(f"report: {report.write(sdir)}")
+
+
+def cmd_calibrate(args) -> None:
+    from . import external
+    sdir, _ = _study_spec(args.dir)
+    profile = external.calibrate_site(sdir, args.name, _labelled_set(args, args.name), args.policy, args.target)
+    m = profile["model"]
+    print(f"site {args.name}: {profile['images']} images ({profile['classes']}); policy {args.policy}"
+          f"{f' {args.target}' if args.target else ''}: threshold {m['threshold']:.4f}"
+          f"{' on Platt-calibrated probabilities' if m['platt'] else ''}; on this sample sensitivity "
+          f"{m['on_sample']['sensitivity']:.3f}, specificity {m['on_sample']['specificity']:.3f}")
+    print(f"saved {sdir}/sites/{args.name}.json; serve it with: cxr-ray serve {sdir} --site {args.name}")
+    print("Report results at this site on other images than this sample: it chose the threshold.")
+
+
 def cmd_report(args) -> None:
     from . import report
     print(report.write(args.dir))
@@ -105,6 +146,17 @@ def _data_args(p, path_flag="--path"):
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--cache", help="decoded-image cache root (default: $CXR_RAY_CACHE or ~/.cache/cxr-ray)")
     p.add_argument("--synthetic-images", type=int, default=data.SYNTHETIC_DEFAULT_IMAGES)
+
+
+def _labelled_args(p, path: bool) -> None:
+    p.add_argument("--source", choices=data.SOURCES, default="kaggle", help="data source (default: kaggle)")
+    if path:
+        p.add_argument("--path", help="folder of NORMAL/PNEUMONIA images, Kaggle layout, or npz")
+    p.add_argument("--split", help="only this split of a Kaggle layout or npz (default: every image)")
+    p.add_argument("--synthetic-images", type=int, default=300)
+    p.add_argument("--synthetic-seed", type=int, default=1)
+    p.add_argument("--synthetic-shift", type=float, default=0.0,
+                   help="synthetic source: another exposure and noise level (0: the training site's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_study_status)
 
+    p = sub.add_parser("evaluate", help="score a finished study on an external set (nothing retrained)")
+    p.add_argument("dir", help="study directory or URI")
+    p.add_argument("--external", required=True, metavar="NAME=PATH",
+                   help="a name for the set and its folder of NORMAL/PNEUMONIA images (or Kaggle layout, or npz)")
+    _labelled_args(p, path=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit the served model's threshold on a labelled sample of a site")
+    p.add_argument("dir", help="study directory or URI")
+    p.add_argument("--name", required=True, help="the site profile's name (cxr-ray serve --site NAME)")
+    _labelled_args(p, path=True)
+    p.add_argument("--policy", choices=POLICIES, default="youden")
+    p.add_argument("--target", type=float, help="the sensitivity or specificity to reach (those policies)")
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("report", help="write DIR/report/index.html and report.md")
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)
@@ -168,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", help="study directory or URI")
     p.add_argument("--arm", help="serve this arm's best final model instead of the best arm's")
     p.add_argument("--checkpoint", help="serve this checkpoint directory")
+    p.add_argument("--ensemble", action="store_true",
+                   help="serve the mean probability of the arm's final seeds (its seed ensemble)")
+    p.add_argument("--site", help="serve at the threshold (and calibration) of this site profile (cxr-ray calibrate)")
+    p.add_argument("--threshold-policy", metavar="POLICY[:TARGET]",
+                   help="choose the threshold on the study's validation split by youden, calibrated, "
+                        "sensitivity:TARGET or specificity:TARGET (default: the study's own)")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default 127.0.0.1; anything else exposes an unauthenticated API)")
     p.add_argument("--port", type=int, default=8000)

@@ -40,6 +40,7 @@ _PATIENT_PATTERNS = [
     re.compile(r"^(NORMAL2-IM-\d+)-"),  # NORMAL2-IM-0373-0001.jpeg
     re.compile(r"^(IM-\d+)-"),  # IM-0511-0001-0002.jpeg
     re.compile(r"^(SYN-P\d+)-"),  # synthetic SYN-P00007-02.png
+    re.compile(r"^(SYN-S\d+-P\d+)-"),  # synthetic of another seed: SYN-S3-P00007-02.png
 ]
 
 
@@ -85,7 +86,8 @@ def _find_kaggle_root(path: Path) -> tuple[Path, list[str]]:
     if not candidates:
         raise DataError(
             f"{path}: no Kaggle layout found (expected train/NORMAL and train/PNEUMONIA "
-            "folders within three levels, e.g. chest_xray/train/NORMAL/*.jpeg)"
+            "folders within three levels, e.g. chest_xray/train/NORMAL/*.jpeg, or NORMAL/ and PNEUMONIA/ "
+            "folders right here)"
         )
     candidates.sort(key=lambda p: len(p.parts))
     if len(candidates) > 1:
@@ -97,11 +99,18 @@ def _find_kaggle_root(path: Path) -> tuple[Path, list[str]]:
 
 
 def list_kaggle(path: str) -> Source:
-    root, notes = _find_kaggle_root(Path(path))
+    """The Kaggle download (``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}``, nested or not), or a plain
+    folder holding ``NORMAL/`` and ``PNEUMONIA/`` (no official splits: every image is in the pool)."""
+    flat = Path(path)
+    if any((flat / c).is_dir() for c in CLASSES) and not any((flat / "train" / c).is_dir() for c in CLASSES):
+        root, notes, folders = flat, ["a folder of NORMAL/PNEUMONIA images: no official splits"], {"train": ""}
+    else:
+        root, notes = _find_kaggle_root(flat)
+        folders = {split: split for split in SPLITS}
     rows, skipped = [], 0
-    for split in SPLITS:
+    for split, sub in folders.items():
         for label, cls in enumerate(CLASSES):
-            folder = root / split / cls
+            folder = root / sub / cls
             if not folder.is_dir():
                 continue
             for f in sorted(folder.iterdir()):
@@ -109,7 +118,8 @@ def list_kaggle(path: str) -> Source:
                     skipped += 1
                     continue
                 patient = parse_patient(f.name)
-                rows.append((f"{split}/{cls}/{f.name}", label, patient, split, f.stat().st_size, f.stat().st_mtime_ns))
+                rows.append((f"{sub}/{cls}/{f.name}".lstrip("/"), label, patient, split, f.stat().st_size,
+                             f.stat().st_mtime_ns))
     if not rows:
         raise DataError(f"{root}: the Kaggle folders contain no .jpeg/.jpg/.png files")
     if skipped:
@@ -156,15 +166,18 @@ def list_npz(path: str) -> Source:
     return Source("npz", os.path.abspath(path), _finish(df), notes, fingerprint)
 
 
-def list_synthetic(n_images: int = SYNTHETIC_DEFAULT_IMAGES, seed: int = 0) -> Source:
+def list_synthetic(n_images: int = SYNTHETIC_DEFAULT_IMAGES, seed: int = 0, shift: float = 0.0) -> Source:
+    """``shift`` > 0: the same kind of drawings as another site would take them (see synthetic.render)."""
     items = synthetic.listing(n_images, seed)
     df = pd.DataFrame(
         [(it.name, it.label, it.patient, "train") for it in items],
         columns=["item", "label", "patient", "source_split"],
     )
-    fingerprint = f"synthetic-v{synthetic.GENERATOR_VERSION}-{seed}-{n_images}"
+    tag = f"{seed}-{n_images}" + (f"-shift{shift:g}" if shift else "")
+    fingerprint = f"synthetic-v{synthetic.GENERATOR_VERSION}-{tag}"
     notes = ["SYNTHETIC demo images drawn by cxr_ray.synthetic: not medical data"]
-    return Source("synthetic", f"synthetic:{seed}:{n_images}", _finish(df), notes, fingerprint)
+    path = f"synthetic:{seed}:{n_images}" + (f":{shift:g}" if shift else "")
+    return Source("synthetic", path, _finish(df), notes, fingerprint)
 
 
 def _finish(df: pd.DataFrame) -> pd.DataFrame:
@@ -174,12 +187,12 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def list_source(kind: str, path: str | None = None, *, synthetic_images: int = SYNTHETIC_DEFAULT_IMAGES,
-                synthetic_seed: int = 0) -> Source:
+                synthetic_seed: int = 0, synthetic_shift: float = 0.0) -> Source:
     """List a source's items; raises DataError naming the path when it is unusable."""
     if kind not in SOURCES:
         raise DataError(f"unknown source {kind!r}: choose one of {', '.join(SOURCES)}")
     if kind == "synthetic":
-        return list_synthetic(synthetic_images, synthetic_seed)
+        return list_synthetic(synthetic_images, synthetic_seed, synthetic_shift)
     if not path:
         raise DataError(f"source {kind!r} needs a path (--path)")
     if not os.path.exists(path):
@@ -205,9 +218,9 @@ def _decode_file(args: tuple[str, int]) -> tuple[np.ndarray | None, str, int, in
         return None, sha1, 0, 0, f"{reason} ({e.detail})" if e.detail else reason
 
 
-def _render_synthetic(args: tuple[synthetic.SyntheticItem, int, int]):
-    item, seed, size = args
-    pixels = synthetic.render(item, seed, size)
+def _render_synthetic(args: tuple[synthetic.SyntheticItem, int, int, float]):
+    item, seed, size, shift = args
+    pixels = synthetic.render(item, seed, size, shift)
     return pixels, hashlib.sha1(pixels.tobytes()).hexdigest(), size, size, ""
 
 
@@ -242,8 +255,9 @@ def decode_all(source: Source, size: int, workers: int | None = None, progress: 
         if source.kind == "kaggle":
             fn, args = _decode_file, [(os.path.join(source.path, i), size) for i in source.items["item"]]
         else:
-            seed = int(source.path.split(":")[1])
-            fn, args = _render_synthetic, [(it, seed, size) for it in synthetic.listing(total, seed)]
+            parts = source.path.split(":")  # synthetic:seed:n[:shift]
+            seed, shift = int(parts[1]), float(parts[3]) if len(parts) > 3 else 0.0
+            fn, args = _render_synthetic, [(it, seed, size, shift) for it in synthetic.listing(total, seed)]
         pool = ProcessPoolExecutor(workers) if workers > 1 else None
         chunk = max(1, min(64, total // (workers * 8) or 1))
         results = pool.map(fn, args, chunksize=chunk) if pool else map(fn, args)
@@ -425,6 +439,35 @@ def check_split(split: pd.DataFrame) -> None:
         bad = spread[spread > 1]
         if len(bad):
             raise DataError(f"split leak: {len(bad)} {key} value(s) in more than one split, e.g. {bad.index[0]}")
+
+
+OVERLAP_POLICY = ("External images byte-identical to an image of the study (train, validation or test) are not "
+                  "external: they are left out of every external score. Images whose patient id also names a "
+                  "patient of the study are kept (separately collected sets reuse ids: Kaggle's test numbering "
+                  "restarts its personN ids), and every external metric is also given without them.")
+
+
+def audit_overlap(external: pd.DataFrame, split: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """An external set (cache index: item, patient, patient_parsed, sha1) against a study's split
+    (split.csv): which external images repeat the study's bytes or patient ids, and in which split.
+
+    Returns the external index with two flags (``same_bytes``, ``shared_patient``) and a summary."""
+    used = split[split["split"].isin(SPLITS)]
+    by_sha1 = used.groupby("sha1")["split"].agg(lambda x: sorted(set(x)))
+    by_patient = used.groupby("patient")["split"].agg(lambda x: sorted(set(x)))
+    flagged = external.assign(same_bytes=external["sha1"].isin(by_sha1.index),
+                              shared_patient=external["patient_parsed"] & external["patient"].isin(by_patient.index))
+
+    def listing(mask, key, where):
+        rows = flagged[mask]
+        return {"images": int(mask.sum()), "patients": int(rows["patient"].nunique()),
+                "in_splits": {s: int(sum(s in where[k] for k in rows[key])) for s in SPLITS},
+                "examples": rows["item"].head(10).tolist()}
+
+    summary = {"images": len(flagged), "policy": OVERLAP_POLICY,
+               "same_bytes": listing(flagged["same_bytes"], "sha1", by_sha1),
+               "shared_patient_ids": listing(flagged["shared_patient"], "patient", by_patient)}
+    return flagged, summary
 
 
 def split_indices(split: pd.DataFrame, cache: Cache) -> dict[str, np.ndarray]:

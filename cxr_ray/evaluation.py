@@ -1,17 +1,23 @@
-"""Final evaluation: test metrics per arm with patient-level CIs, and paired tests vs the best arm.
+"""Final evaluation: test metrics per arm with patient-level CIs, paired tests vs the best arm, and
+the same for every external set, scored once afterwards.
 
-Each arm's best configuration was retrained with every final seed; each run scored the
-test split once, at the threshold it chose on validation. Per arm we report the mean over
-seeds, with a 95% CI from resampling test *patients* (the seed-mean recomputed on each
-resample). Against the best arm (highest mean test AUROC) every other arm gets:
+Each arm's best configuration was retrained with every final seed. Each run picks its operating
+point on VALIDATION (spec ``threshold``: Youden, a sensitivity or specificity target, or 0.5 after
+Platt calibration), then is scored on the test split (and later on external sets) as chosen. Per
+arm we report the mean over seeds, with a 95% CI from resampling *patients* (the seed-mean
+recomputed on each resample), and the seed ensemble (mean probability, its own validation-chosen
+operating point). Against the best arm (highest mean test AUROC) every other arm gets:
   - a paired patient bootstrap of the difference in seed-mean AUROC (primary, Holm-adjusted
     over the comparisons),
   - DeLong's test on the seed-averaged probabilities,
-  - McNemar's test on the seed-averaged decisions (mean probability >= mean threshold).
+  - McNemar's test on the seed-averaged decisions.
+On an external set the comparisons are against the arm the study chose, so the verdict can be
+checked there. Nothing here trains or selects anything; this module needs neither Ray nor torch.
 """
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -22,11 +28,73 @@ from .errors import CxrError
 from .spec import Spec
 
 ALPHA = 0.05
+# The operating points every report shows, so the user sees what the choice of policy costs.
+POLICY_TABLE = (("youden", None), ("sensitivity", 0.95), ("specificity", 0.95), ("calibrated", None))
 
 
 class EvaluationError(CxrError, RuntimeError):
     """Nothing to evaluate; the message says where to look."""
 
+
+@dataclass
+class Run:
+    """One final run (or an arm's seed ensemble, seed -1): its validation-chosen operating point."""
+    arm: str
+    seed: int
+    checkpoints: list[str]  # relative to the study directory (several for an ensemble)
+    val_auroc: float
+    val: np.ndarray  # validation probabilities, in split order
+    test: np.ndarray  # test probabilities, in split order
+    threshold: float  # on the served probability (calibrated when platt is set)
+    platt: tuple[float, float] | None
+
+    def served(self, p: np.ndarray) -> np.ndarray:
+        """The probability a user is shown: calibrated if the operating point calibrates."""
+        return metrics.apply_platt(p, self.platt) if self.platt else np.asarray(p, dtype=float)
+
+
+def choose_point(policy: str, target: float | None, y_val: np.ndarray, p_val: np.ndarray) -> tuple[float, tuple | None]:
+    """(threshold on the served probability, Platt parameters or None) chosen on validation."""
+    point = metrics.operating_point(policy, y_val, p_val, target)
+    return (0.5, point["platt"]) if point["platt"] else (point["threshold"], None)
+
+
+def _npy(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(uri)))
+
+
+def load_runs(spec: Spec, sdir: str, final_trials: pd.DataFrame, y_val: np.ndarray) -> dict[tuple[str, int], Run]:
+    """(arm, seed) -> the run's last-epoch validation and test probabilities and its operating point."""
+    out = {}
+    done = final_trials.dropna(subset=["epoch"])
+    for (arm, seed), g in done.groupby(["arm", "seed"]):
+        last = g.sort_values("epoch").iloc[-1]
+        ckpt = storage.join(sdir, last["checkpoint"])
+        if not last["checkpoint"] or not storage.exists(storage.join(ckpt, "test_probabilities.npy")):
+            continue  # unfinished run: reported as missing
+        val = _npy(storage.join(ckpt, "val_probabilities.npy"))
+        threshold, platt = choose_point(spec.threshold.policy, spec.threshold.target, y_val, val)
+        out[(arm, int(seed))] = Run(arm, int(seed), [last["checkpoint"]], float(last["val_auroc"]), val,
+                                    _npy(storage.join(ckpt, "test_probabilities.npy")), threshold, platt)
+    return out
+
+
+def ensembles(spec: Spec, runs: dict[tuple[str, int], Run], y_val: np.ndarray) -> dict[str, Run]:
+    """Each arm's seed ensemble: the mean probability of its final runs, with its own operating
+    point chosen on validation by the study's policy."""
+    out = {}
+    for arm in spec.arm_names:
+        mine = [r for (a, _), r in sorted(runs.items()) if a == arm]
+        if not mine:
+            continue
+        val = np.mean([r.val for r in mine], axis=0)
+        threshold, platt = choose_point(spec.threshold.policy, spec.threshold.target, y_val, val)
+        out[arm] = Run(arm, -1, [c for r in mine for c in r.checkpoints], metrics.auroc(y_val, val), val,
+                       np.mean([r.test for r in mine], axis=0), threshold, platt)
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics of one set
 
 def _seed_mean(metric: str, thresholds: np.ndarray):
     def statistic(y, probs):
@@ -48,68 +116,42 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def load_final_predictions(sdir: str, final_trials: pd.DataFrame) -> dict[tuple[str, int], dict]:
-    """(arm, seed) -> test probabilities, threshold and checkpoint of the run's last epoch."""
-    out = {}
-    done = final_trials.dropna(subset=["epoch"])
-    for (arm, seed), g in done.groupby(["arm", "seed"]):
-        last = g.sort_values("epoch").iloc[-1]
-        ckpt = storage.join(sdir, last["checkpoint"])
-        uri = storage.join(ckpt, "test_probabilities.npy")
-        if not last["checkpoint"] or not storage.exists(uri):
-            continue  # unfinished run: reported as missing
-        meta = storage.read_json(storage.join(ckpt, "meta.json"))
-        out[(arm, int(seed))] = {"probs": np.load(io.BytesIO(storage.read_bytes(uri))),
-                                 "threshold": float(meta["threshold"]), "checkpoint": last["checkpoint"],
-                                 "val_auroc": float(last["val_auroc"])}
-    return out
-
-
-def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFrame) -> dict:
-    rows = prepared.rows["test"]
-    index = prepared.cache.index.iloc[rows]
-    y, patients = index["label"].to_numpy(), index["patient"].to_numpy()
-    runs = load_final_predictions(sdir, final_trials)
+def score(spec: Spec, y: np.ndarray, patients: np.ndarray, runs: dict[tuple[str, int], Run],
+          probs: dict[tuple[str, int], np.ndarray], versus: str | None = None) -> dict[str, pd.DataFrame]:
+    """The statistics of one evaluation set (labels ``y``, ``patients``, each run's raw ``probs``):
+    per run, per arm (seed mean with patient-bootstrap CIs) and paired tests of every arm against
+    ``versus`` (default: the set's own best arm), each run at its validation-chosen point."""
     n_boot, seed = spec.final.bootstrap, spec.seed
-
-    pred_rows, per_run = [], []
-    for (arm, s), run in sorted(runs.items()):
-        pred_rows.append(pd.DataFrame({"arm": arm, "seed": s, "item": index["item"].to_numpy(), "patient": patients,
-                                       "label": y, "probability": run["probs"], "threshold": run["threshold"]}))
-        per_run.append({"arm": arm, "seed": s, "threshold": run["threshold"], "val_auroc": run["val_auroc"],
-                        **metrics.summary(y, run["probs"], run["threshold"]), "checkpoint": run["checkpoint"]})
-    if not per_run:
-        raise EvaluationError(f"{sdir}: no final run produced test predictions; see final_trials.csv and the "
-                              f"trials' error.txt under final/")
-    per_run = pd.DataFrame(per_run)
-
+    served = {k: runs[k].served(p) for k, p in probs.items()}
+    per_run = pd.DataFrame([{"arm": a, "seed": s, "threshold": runs[(a, s)].threshold,
+                             "val_auroc": runs[(a, s)].val_auroc, **metrics.summary(y, served[(a, s)], runs[(a, s)].threshold),
+                             "checkpoint": runs[(a, s)].checkpoints[0]} for (a, s) in sorted(served)])
     arms = [a for a in spec.arm_names if a in set(per_run["arm"])]
-    stacked = {a: (np.stack([runs[(a, s)]["probs"] for s in sorted(per_run[per_run.arm == a].seed)]),
-                   np.array([runs[(a, s)]["threshold"] for s in sorted(per_run[per_run.arm == a].seed)]))
-               for a in arms}
+    stacked = {a: (np.stack([served[k] for k in sorted(served) if k[0] == a]),
+                   np.array([runs[k].threshold for k in sorted(served) if k[0] == a])) for a in arms}
     summary = []
     for a in arms:
-        probs, thresholds = stacked[a]
-        row = {"arm": a, "seeds": len(thresholds), "missing_seeds": len(spec.final.seeds) - len(thresholds)}
+        p, t = stacked[a]
+        row = {"arm": a, "seeds": len(t), "missing_seeds": len(spec.final.seeds) - len(t)}
         for m in metrics.REPORTED:
-            point, lo, hi = metrics.bootstrap_ci(_seed_mean(m, thresholds), [y, probs], patients, n_boot, seed)
+            point, lo, hi = metrics.bootstrap_ci(_seed_mean(m, t), [y, p], patients, n_boot, seed)
             row |= {m: point, f"{m}_ci_low": lo, f"{m}_ci_high": hi,
-                    f"{m}_seed_sd": float(per_run[per_run.arm == a][m].std(ddof=1)) if len(thresholds) > 1 else 0.0}
+                    f"{m}_seed_sd": float(per_run[per_run.arm == a][m].std(ddof=1)) if len(t) > 1 else 0.0}
         summary.append(row)
     summary = pd.DataFrame(summary).sort_values("auroc", ascending=False, kind="stable")
-    best_arm = summary.iloc[0]["arm"]
+    versus = versus if versus in stacked else summary.iloc[0]["arm"]
 
     comparison = []
-    bp, bt = stacked[best_arm]
+    bp, bt = stacked[versus]
     for a in arms:
-        if a == best_arm:
+        if a == versus:
             continue
         p, t = stacked[a]
         mean_auroc = _seed_mean("auroc", t)  # AUROC ignores thresholds: one statistic for both arms
         boot = metrics.paired_bootstrap(mean_auroc, [y, p], [y, bp], patients, n_boot, seed)
         dl = metrics.delong(y, p.mean(0), bp.mean(0))
         mc = metrics.mcnemar(((p.mean(0) >= t.mean()) == y), ((bp.mean(0) >= bt.mean()) == y))
-        comparison.append({"arm": a, "versus": best_arm, "delta_auroc": boot["difference"],
+        comparison.append({"arm": a, "versus": versus, "delta_auroc": boot["difference"],
                            "delta_ci_low": boot["ci_low"], "delta_ci_high": boot["ci_high"],
                            "p_bootstrap": boot["p_value"], "p_delong": dl["p_value"],
                            "p_mcnemar": mc["p_value"], "only_arm_correct": mc["only_a_correct"],
@@ -120,25 +162,150 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
     if len(comparison):
         comparison["p_holm"] = holm(comparison["p_bootstrap"].tolist())
         comparison["significant"] = comparison["p_holm"] < ALPHA
-        comparison["verdict"] = np.where(comparison["significant"], "worse than " + best_arm,
+        comparison["verdict"] = np.where(comparison["significant"],
+                                         np.where(comparison["delta_auroc"] < 0, "worse than ", "better than ") + versus,
                                          "no significant difference")
+    return {"per_run": per_run, "summary": summary, "comparison": comparison}
 
-    best_runs = per_run[per_run.arm == best_arm].sort_values("val_auroc", ascending=False, kind="stable")
-    chosen = best_runs.iloc[0]  # the best arm's model to serve: chosen on validation, not test
-    best = {"arm": best_arm, "seed": int(chosen["seed"]), "checkpoint": chosen["checkpoint"],
-            "threshold": float(chosen["threshold"]),
-            "test_metrics": {m: float(summary.iloc[0][m]) for m in metrics.REPORTED},
-            "test_metrics_ci": {m: [float(summary.iloc[0][f"{m}_ci_low"]), float(summary.iloc[0][f"{m}_ci_high"])]
-                                for m in metrics.REPORTED}}
+
+def ensemble_table(spec: Spec, y: np.ndarray, patients: np.ndarray, ens: dict[str, Run],
+                   probs: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Each arm's seed ensemble on one set, at its validation-chosen point, with patient-bootstrap CIs."""
+    rows = []
+    for arm, run in ens.items():
+        p, t = run.served(probs[arm]), run.threshold
+        row = {"arm": arm, "members": len(run.checkpoints), "threshold": t,
+               "platt_a": run.platt[0] if run.platt else None, "platt_b": run.platt[1] if run.platt else None}
+        for m in metrics.REPORTED:
+            stat = (lambda y_, p_: metrics.auroc(y_, p_)) if m == "auroc" else \
+                (lambda y_, p_, m=m: metrics.summary(y_, p_, t)[m])
+            point, lo, hi = metrics.bootstrap_ci(stat, [y, p], patients, spec.final.bootstrap, spec.seed)
+            row |= {m: point, f"{m}_ci_low": lo, f"{m}_ci_high": hi}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def policy_table(y_val: np.ndarray, runs: dict[tuple[str, int], Run], y: np.ndarray,
+                 probs: dict[tuple[str, int], np.ndarray]) -> pd.DataFrame:
+    """What each threshold policy costs on a set: per run and policy, the point chosen on validation
+    and the sensitivity/specificity it gives on the set (raw probabilities; Platt keeps their order)."""
+    rows = []
+    for (arm, seed), p in sorted(probs.items()):
+        for policy, target in POLICY_TABLE:
+            try:
+                threshold = metrics.operating_point(policy, y_val, runs[(arm, seed)].val, target)["threshold"]
+            except metrics.MetricError:  # e.g. no increasing calibration on this validation set
+                continue
+            c = metrics.confusion(y, p, threshold)
+            rows.append({"arm": arm, "seed": seed, "policy": policy, "target": target, "raw_threshold": threshold,
+                         "sensitivity": c["sensitivity"], "specificity": c["specificity"], "accuracy": c["accuracy"]})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the internal test split
+
+def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFrame) -> dict:
+    """Score the final runs on the held-out test split; write the evaluation files and best.json."""
+    index, val_index = (prepared.cache.index.iloc[prepared.rows[s]] for s in ("test", "val"))
+    y, patients, y_val = index["label"].to_numpy(), index["patient"].to_numpy(), val_index["label"].to_numpy()
+    runs = load_runs(spec, sdir, final_trials, y_val)
+    if not runs:
+        raise EvaluationError(f"{sdir}: no final run produced test predictions; see final_trials.csv and the "
+                              f"trials' error.txt under final/")
+    tables = score(spec, y, patients, runs, {k: r.test for k, r in runs.items()})
+    summary, comparison, per_run = tables["summary"], tables["comparison"], tables["per_run"]
+    per_run = per_run.merge(pd.DataFrame([{"arm": r.arm, "seed": r.seed, "platt_a": (r.platt or (None, None))[0],
+                                           "platt_b": (r.platt or (None, None))[1]} for r in runs.values()]),
+                            on=["arm", "seed"])
+    ens = ensembles(spec, runs, y_val)
+    best_arm = summary.iloc[0]["arm"]
+    chosen = runs[tuple(per_run[per_run.arm == best_arm].sort_values("val_auroc", ascending=False, kind="stable")
+                        .iloc[0][["arm", "seed"]])]  # the best arm's model to serve: chosen on validation, not test
+    top = summary.iloc[0]
+    best = {"arm": best_arm, "seed": chosen.seed, "checkpoint": chosen.checkpoints[0], "threshold": chosen.threshold,
+            "platt": chosen.platt, "policy": {"policy": spec.threshold.policy, "target": spec.threshold.target},
+            "test_metrics": {m: float(top[m]) for m in metrics.REPORTED},
+            "test_metrics_ci": {m: [float(top[f"{m}_ci_low"]), float(top[f"{m}_ci_high"])] for m in metrics.REPORTED},
+            "ensemble": {"checkpoints": ens[best_arm].checkpoints, "threshold": ens[best_arm].threshold,
+                         "platt": ens[best_arm].platt}}
     verdict = " ".join([verdict_text(summary, comparison, spec.final.bootstrap)] + caveats(spec, summary))
 
+    pred_rows = [pd.DataFrame({"arm": a, "seed": s, "item": index["item"].to_numpy(), "patient": patients, "label": y,
+                               "probability": runs[(a, s)].served(runs[(a, s)].test), "threshold": runs[(a, s)].threshold})
+                 for (a, s) in sorted(runs)]
+    val_rows = [pd.DataFrame({"arm": a, "seed": s, "item": val_index["item"].to_numpy(), "label": y_val,
+                              "probability": runs[(a, s)].val}) for (a, s) in sorted(runs)]
     storage.write_csv(storage.join(sdir, "predictions.csv"), pd.concat(pred_rows, ignore_index=True))
+    storage.write_csv(storage.join(sdir, "validation_predictions.csv"), pd.concat(val_rows, ignore_index=True))
     storage.write_csv(storage.join(sdir, "final.csv"), per_run)
     storage.write_csv(storage.join(sdir, "summary.csv"), summary)
     storage.write_csv(storage.join(sdir, "comparison.csv"), comparison)
+    storage.write_csv(storage.join(sdir, "ensembles.csv"),
+                      ensemble_table(spec, y, patients, ens, {a: r.test for a, r in ens.items()}))
+    storage.write_csv(storage.join(sdir, "operating_points.csv"),
+                      policy_table(y_val, runs, y, {k: r.test for k, r in runs.items()}))
     storage.write_json(storage.join(sdir, "best.json"), best | {"verdict": verdict})
-    return {"summary": summary, "comparison": comparison, "best": best, "verdict": verdict}
+    return {"summary": summary, "comparison": comparison, "best": best, "verdict": verdict, "runs": runs,
+            "y_val": y_val}
 
+
+# ----------------------------------------------------------------------------- external sets
+
+def load_study_runs(spec: Spec, sdir: str) -> tuple[dict[tuple[str, int], Run], np.ndarray]:
+    """The final runs as the internal evaluation chose them (final.csv: operating points;
+    validation_predictions.csv: validation probabilities), for scoring new data post hoc."""
+    final, val = (storage.read_csv(storage.join(sdir, n)) for n in ("final.csv", "validation_predictions.csv"))
+    runs, y_val = {}, None
+    for r in final.itertuples():
+        v = val[(val["arm"] == r.arm) & (val["seed"] == r.seed)]
+        y_val = v["label"].to_numpy()
+        platt = (float(r.platt_a), float(r.platt_b)) if pd.notna(r.platt_a) else None
+        runs[(r.arm, int(r.seed))] = Run(r.arm, int(r.seed), [r.checkpoint], float(r.val_auroc),
+                                         v["probability"].to_numpy(), np.zeros(0), float(r.threshold), platt)
+    return runs, y_val
+
+
+def evaluate_external(spec: Spec, sdir: str, name: str, index: pd.DataFrame, probs: dict[tuple[str, int], np.ndarray],
+                      audit: dict) -> dict:
+    """Score an external set once with every final run (and each arm's seed ensemble) at the points
+    they chose on validation; paired tests against the arm the study chose. ``index`` holds the
+    set's items with the overlap flags of data.audit_overlap; byte-identical copies of the study's
+    images are left out, shared patient ids are scored both ways. Writes external/<name>/."""
+    runs, y_val = load_study_runs(spec, sdir)
+    chosen = storage.read_json(storage.join(sdir, "best.json"))["arm"]
+    keep = ~index["same_bytes"].to_numpy()
+    if len(set(index["label"][keep])) < 2:
+        raise EvaluationError(f"external set {name}: {int(keep.sum())} usable images of a single class; AUROC and "
+                              "the comparison need both classes")
+    y, patients = index["label"].to_numpy()[keep], index["patient"].to_numpy()[keep]
+    mine = {k: p[keep] for k, p in probs.items() if k in runs}
+    tables = score(spec, y, patients, runs, mine, versus=chosen)
+    ens = ensembles(spec, runs, y_val)
+    ens_probs = {a: np.mean([p for k, p in mine.items() if k[0] == a], axis=0) for a in ens}
+    out = storage.join(sdir, "external", name)
+    shared = index["shared_patient"].to_numpy()[keep]
+    if shared.any() and len(set(y[~shared])) == 2:
+        apart = score(spec, y[~shared], patients[~shared], runs, {k: p[~shared] for k, p in mine.items()}, chosen)
+        storage.write_csv(storage.join(out, "summary_without_shared_patient_ids.csv"), apart["summary"])
+    items = index["item"].to_numpy()[keep]
+    storage.write_csv(storage.join(out, "predictions.csv"), pd.concat([pd.DataFrame(
+        {"arm": a, "seed": s, "item": items, "patient": patients, "label": y, "shared_patient": shared,
+         "probability": runs[(a, s)].served(p), "threshold": runs[(a, s)].threshold}) for (a, s), p in sorted(mine.items())],
+        ignore_index=True))
+    storage.write_csv(storage.join(out, "final.csv"), tables["per_run"])
+    storage.write_csv(storage.join(out, "summary.csv"), tables["summary"])
+    storage.write_csv(storage.join(out, "comparison.csv"), tables["comparison"])
+    storage.write_csv(storage.join(out, "ensembles.csv"), ensemble_table(spec, y, patients, ens, ens_probs))
+    storage.write_csv(storage.join(out, "operating_points.csv"), policy_table(y_val, runs, y, mine))
+    storage.write_json(storage.join(out, "audit.json"), audit | {"scored_images": int(keep.sum())})
+    internal = {n: storage.read_csv(storage.join(sdir, f"{n}.csv")) for n in ("summary", "comparison")}
+    text = external_verdict(name, internal["summary"], internal["comparison"], tables["summary"],
+                            tables["comparison"], chosen, spec.final.bootstrap)
+    storage.write_json(storage.join(out, "verdict.json"), {"name": name, "verdict": text})
+    return tables | {"verdict": text}
+
+
+# ----------------------------------------------------------------------------- words
 
 def p_text(p: float, n_bootstrap: int) -> str:
     """A bootstrap p-value of 0 only says p < 1/B."""
@@ -193,3 +360,32 @@ def caveats(spec: Spec, summary: pd.DataFrame) -> list[str]:
                                                        f"{int(r.seeds + r.missing_seeds)}" for r in short.itertuples())
                    + "; their means rest on fewer runs.")
     return out
+
+
+def external_verdict(name: str, internal: pd.DataFrame, internal_cmp: pd.DataFrame, external: pd.DataFrame,
+                     external_cmp: pd.DataFrame, chosen: str, n_bootstrap: int) -> str:
+    """Does the study's answer hold on an external set? The chosen arm's external metrics, whether
+    the internal ranking holds, and whether the internal verdict is confirmed: the same arms
+    significantly worse than the chosen one (and none significantly better)."""
+    row = external.set_index("arm").loc[chosen]
+    gap = row["auroc"] - internal.set_index("arm").loc[chosen, "auroc"]
+    text = (f"On {name} (external, scored once after everything was chosen on validation), {chosen} reaches AUROC "
+            f"{ci_text(row, 'auroc')} and accuracy {ci_text(row, 'accuracy')} (sensitivity {row['sensitivity']:.3f}, "
+            f"specificity {row['specificity']:.3f}), an AUROC {abs(gap):.3f} {'lower' if gap < 0 else 'higher'} "
+            f"than on the internal test split.")
+    order_in, order_ex = list(internal["arm"]), list(external["arm"])
+    if len(order_in) > 1:
+        text += (" The internal ranking holds there." if order_in == order_ex else
+                 f" The internal ranking does not hold there ({' > '.join(order_in)} internally, "
+                 f"{' > '.join(order_ex)} on {name}).")
+        worse_in = set(internal_cmp.loc[internal_cmp["significant"].astype(bool), "arm"])
+        sig_ex = external_cmp[external_cmp["significant"].astype(bool)]
+        worse_ex, better_ex = set(sig_ex.loc[sig_ex["delta_auroc"] < 0, "arm"]), set(sig_ex.loc[sig_ex["delta_auroc"] > 0, "arm"])
+        if worse_in == worse_ex and not better_ex:
+            text += f" The internal verdict is confirmed on {name}."
+        else:
+            differ = [difference_text(r, n_bootstrap) for r in external_cmp.itertuples()
+                      if (r.arm in worse_in) != (r.arm in worse_ex) or r.arm in better_ex]
+            text += (f" The internal verdict is not confirmed on {name}: against {chosen} there, "
+                     + "; ".join(differ) + ".")
+    return text

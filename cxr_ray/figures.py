@@ -179,23 +179,26 @@ def auroc_per_arm(s: Study):
                  f"own AUROC as a dot beside it (final.csv).{note}")
 
 
-def seed_averaged(s: Study, arm: str) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """Labels, seed-averaged test probabilities, mean validation-chosen threshold, seed count:
-    the same pooled model that DeLong's and McNemar's tests in the evaluation compare."""
-    p = s.predictions[s.predictions["arm"] == arm]
+def seed_averaged(predictions: pd.DataFrame, arm: str) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Labels, seed-averaged probabilities, mean validation-chosen threshold, seed count: the same
+    pooled model that DeLong's and McNemar's tests in the evaluation compare."""
+    p = predictions[predictions["arm"] == arm]
     wide = p.pivot_table(index="item", columns="seed", values="probability").dropna()
     labels = p.drop_duplicates("item").set_index("item")["label"].reindex(wide.index).to_numpy()
     return labels, wide.mean(axis=1).to_numpy(), float(p.groupby("seed")["threshold"].first().mean()), wide.shape[1]
 
 
-def roc_curves(s: Study):
-    s.need("predictions.csv")
-    arms = [a for a in s.arms if a in set(s.predictions["arm"])]
+def roc_curves(s: Study, predictions: pd.DataFrame | None = None, where: str = "test"):
+    """ROC of each arm on a scored set (default: the internal test split's predictions.csv)."""
+    if predictions is None:
+        s.need("predictions.csv")
+        predictions = s.predictions
+    arms = [a for a in s.arms if a in set(predictions["arm"])]
     fig, axes = new_figure(5.6, 5.2)
     ax = axes[0, 0]
     seeds = set()
     for arm in arms:
-        y, p, thr, n = seed_averaged(s, arm)
+        y, p, thr, n = seed_averaged(predictions, arm)
         seeds.add(n)
         fpr, tpr, _ = metrics.roc_curve(y, p)
         c = metrics.confusion(y, p, thr)
@@ -210,10 +213,10 @@ def roc_curves(s: Study):
     ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal", xlabel="false-positive rate (1 − specificity)",
            ylabel="true-positive rate (sensitivity)")
     ax.grid(alpha=0.25)
-    return fig, (f"Test ROC of each arm's best configuration, on its probabilities averaged over the "
-                 f"{'/'.join(map(str, sorted(seeds)))} final seeds (predictions.csv); the AUROC in the legend is that "
-                 f"of the averaged probabilities, so it can differ from the mean of per-seed AUROCs in the table. The "
-                 f"dot is the operating point at the mean of the seeds' validation-chosen thresholds.")
+    return fig, (f"ROC on {where} of each arm's best configuration, on its probabilities averaged over the "
+                 f"{'/'.join(map(str, sorted(seeds)))} final seeds; the AUROC in the legend is that of the averaged "
+                 f"probabilities, so it can differ from the mean of per-seed AUROCs in the tables. The dot is the "
+                 f"operating point at the mean of the seeds' validation-chosen thresholds.")
 
 
 def auroc_vs_cost(s: Study):
@@ -288,12 +291,16 @@ def hyperparameter_sensitivity(s: Study):
                  f"{key} (trial_summary.csv), one panel per arm (colour: arm).")
 
 
-def reliability_diagram(s: Study):
-    s.need("best.json", "predictions.csv")
+def reliability_diagram(s: Study, predictions: pd.DataFrame | None = None, where: str = "test"):
+    """Calibration of the served model (best.json) on a scored set (default: the internal test split)."""
+    s.need("best.json")
+    if predictions is None:
+        s.need("predictions.csv")
+        predictions = s.predictions
     arm, seed = s.best["arm"], int(s.best["seed"])
-    p = s.predictions[(s.predictions["arm"] == arm) & (s.predictions["seed"] == seed)]
+    p = predictions[(predictions["arm"] == arm) & (predictions["seed"] == seed)]
     if p.empty:
-        raise Missing(f"predictions.csv has no rows for {arm} seed {seed}")
+        raise Missing(f"no predictions of {arm} seed {seed} on {where}")
     ece, bins = metrics.calibration(p["label"].to_numpy(), p["probability"].to_numpy())
     bins = pd.DataFrame(bins)
     fig, axes = new_figure(5.6, 6.0, 2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -302,15 +309,15 @@ def reliability_diagram(s: Study):
     ax.plot(bins["mean_probability"], bins["fraction_positive"], "o-", color=color(s, arm), ms=7,
             label=f"{arm}, seed {seed}")
     ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="observed fraction with pneumonia",
-           title=f"Reliability on test: ECE {ece:.3f}")
+           title=f"Reliability on {where}: ECE {ece:.3f}")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.25)
     hist.bar((bins["bin_low"] + bins["bin_high"]) / 2, bins["count"], width=0.09, color=color(s, arm))
-    hist.set(xlabel="predicted probability of pneumonia (bin mean)", ylabel="test images")
+    hist.set(xlabel="predicted probability of pneumonia (bin mean)", ylabel="images")
     hist.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
-    return fig, (f"Reliability diagram of the served model ({arm}, seed {seed}, from best.json) on test "
-                 f"(predictions.csv), 10 equal-width probability bins; below, the images per bin. ECE is the "
-                 f"image-weighted mean gap between predicted probability and observed frequency.")
+    return fig, (f"Reliability diagram of the served model ({arm}, seed {seed}, from best.json) on {where}, 10 "
+                 f"equal-width probability bins; below, the images per bin. ECE is the image-weighted mean gap "
+                 f"between predicted probability and observed frequency.")
 
 
 # (file name, title, drawing), in the report's order

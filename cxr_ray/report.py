@@ -65,8 +65,6 @@ def fmt(value) -> str:
     return str(value)
 
 
-
-
 # ----------------------------------------------------------------------------- 1. verdict
 
 def verdict(s: Study) -> list[Block]:
@@ -86,6 +84,12 @@ def verdict(s: Study) -> list[Block]:
     if s.best is not None and s.best.get("arm") == top["arm"]:
         text += (f" The model to serve is its seed-{s.best['seed']} run (picked on validation, not test), "
                  f"used at threshold {s.best['threshold']:.3f}.")
+    for ext in s.externals.values():
+        if ext.verdict:
+            text += " " + ext.verdict["verdict"]
+    if not s.externals:
+        text += (" No external set has been scored: these figures come from data collected with the training "
+                 "images, and may not transfer (spec key external, or cxr-ray evaluate).")
     blocks.append(Block("text", text))
     if s.best is None:
         blocks.append(Block("note", f"No model chosen to serve yet: {s.why('best.json')}."))
@@ -107,7 +111,89 @@ def search_progress(s: Study) -> str:
     return f"Search results so far, best {METRIC_LABELS.get(s.metric, s.metric)} per arm: " + "; ".join(parts) + "."
 
 
-# ----------------------------------------------------------------------------- 2. fairness audit
+# ----------------------------------------------------------------------------- 2. internal vs external
+
+def internal_vs_external(s: Study) -> list[Block]:
+    if not s.externals:
+        return [Block("note", "No external set has been scored. A result measured only on data collected with the "
+                              "training images may not transfer: name one in the spec (external:) or run "
+                              f"`cxr-ray evaluate {s.dir} --external NAME=PATH`.")]
+    s.need("summary.csv")
+    blocks = []
+    for name, ext in s.externals.items():
+        blocks += guarded(f"External set {name}", lambda name=name, ext=ext: external_blocks(s, name, ext))
+    return blocks
+
+
+def external_blocks(s: Study, name: str, ext) -> list[Block]:
+    a = ext.audit or {}
+    blocks = [Block("text", f"External set {name}: {a.get('images', '?')} images ({set_source(a)}), "
+                            f"{a.get('scored_images', '?')} scored; each final run scored once at the operating "
+                            f"point it chose on validation, nothing retrained.")]
+    same, shared = a.get("same_bytes", {}), a.get("shared_patient_ids", {})
+    blocks.append(Block("warn" if same.get("images") else "text",
+                        f"Overlap with the study's images: {same.get('images', 0)} byte-identical "
+                        f"({split_counts(same)}), {shared.get('images', 0)} whose patient id the study also has "
+                        f"({split_counts(shared)}). {a.get('policy', '')}"))
+    if ext.verdict:
+        blocks.append(Block("text", ext.verdict["verdict"]))
+    internal, external = s.summary.set_index("arm"), ext.summary.set_index("arm")
+    rows = []
+    for arm in internal.index:
+        if arm not in external.index:
+            continue
+        i, e = internal.loc[arm], external.loc[arm]
+        rows.append({"arm": arm, "test AUROC": evaluation.ci_text(i, "auroc"),
+                     f"{name} AUROC": evaluation.ci_text(e, "auroc"), "AUROC gap": e["auroc"] - i["auroc"],
+                     "test accuracy": evaluation.ci_text(i, "accuracy"),
+                     f"{name} accuracy": evaluation.ci_text(e, "accuracy"), "accuracy gap": e["accuracy"] - i["accuracy"],
+                     "sensitivity test → ext": f"{i['sensitivity']:.3f} → {e['sensitivity']:.3f}",
+                     "specificity test → ext": f"{i['specificity']:.3f} → {e['specificity']:.3f}",
+                     "ECE test → ext": f"{i['ece']:.3f} → {e['ece']:.3f}"})
+    blocks.append(Block("table", f"Internal test vs {name}, per arm (mean over final seeds, 95% patient-bootstrap CIs; "
+                                 f"external/{name}/summary.csv). Sensitivity and specificity at each run's "
+                                 f"validation-chosen threshold: the shift is what the threshold costs on new data.",
+                        f"external_{name}", pd.DataFrame(rows)))
+    if ext.comparison is not None and len(ext.comparison):
+        blocks.append(Block("table", f"Paired comparison on {name} against the arm the study chose "
+                                     f"(external/{name}/comparison.csv).", f"external_{name}_comparison",
+                            ext.comparison[[c for c in ("arm", "versus", "delta_auroc", "delta_ci_low", "delta_ci_high",
+                                                        "p_holm", "p_delong", "p_mcnemar", "verdict")
+                                            if c in ext.comparison]]))
+    if ext.ensembles is not None and len(ext.ensembles):
+        blocks.append(Block("table", f"Seed ensembles on {name} (external/{name}/ensembles.csv).",
+                            f"external_{name}_ensembles", ci_table(ext.ensembles, "ensembles", s)))
+    if ext.operating_points is not None and s.operating_points is not None:
+        both = policy_means(s.operating_points, "operating_points.csv", s).merge(
+            policy_means(ext.operating_points, "operating_points", s), on=["arm", "policy"], suffixes=("", f" {name}"))
+        blocks.append(Block("table", f"What each threshold policy costs, on test and on {name} (each chosen on "
+                                     f"validation; mean over each arm's final seeds).", f"external_{name}_policies",
+                            both))
+    if ext.summary_without_shared_patient_ids is not None:
+        apart = ext.summary_without_shared_patient_ids
+        blocks.append(Block("table", f"{name} without the images whose patient id the study also has (the overlap "
+                                     f"policy's second reading).", f"external_{name}_apart", ci_table(apart, "", s)))
+    for kind, draw in (("roc", figures.roc_curves), ("calibration", figures.reliability_diagram)):
+        def build(kind=kind, draw=draw):
+            fig, caption = draw(s, ext.predictions, f"{name} (external)")
+            return [Block("figure", caption, f"external_{name}_{kind}", png=figures.png(fig))]
+        if ext.predictions is not None:
+            blocks += guarded(f"{kind} on {name}", build)
+    return blocks
+
+
+def set_source(audit: dict) -> str:
+    src = audit.get("set", {})
+    where = src.get("path") or f"synthetic, seed {src.get('synthetic_seed')}, shift {src.get('synthetic_shift')}"
+    return f"{src.get('source', '?')}: {where}" + (f", split {src['split']}" if src.get("split") else "")
+
+
+def split_counts(found: dict) -> str:
+    counts = found.get("in_splits", {})
+    return ", ".join(f"{n} in {k}" for k, n in counts.items() if n) or "none"
+
+
+# ----------------------------------------------------------------------------- 3. fairness audit
 
 def fairness(s: Study) -> list[Block]:
     spec, b, f = s.spec, s.spec.budget, s.spec.final
@@ -240,7 +326,7 @@ def departures(s: Study) -> list[str]:
     return out
 
 
-# ----------------------------------------------------------------------------- 3. tables
+# ----------------------------------------------------------------------------- 4. tables
 
 def tables(s: Study) -> list[Block]:
     return (guarded("Final test metrics per arm", lambda: [Block(
@@ -248,12 +334,44 @@ def tables(s: Study) -> list[Block]:
                          "test patients in brackets; each run at its validation-chosen threshold.",
                 "final_metrics", final_metrics_table(s))])
             + guarded("Paired comparison", lambda: comparison_blocks(s))
+            + guarded("Seed ensembles", lambda: [Block(
+                "table", "Each arm's seed ensemble (ensembles.csv): the mean probability of its final runs, at its own "
+                         "operating point chosen on validation; 95% CIs from resampling test patients.",
+                "ensembles", ci_table(s.ensembles, "ensembles.csv", s))])
+            + guarded("Operating points", lambda: [Block(
+                "table", f"What each threshold policy costs (operating_points.csv): the point each policy picks on "
+                         f"validation and the test sensitivity/specificity it gives, mean over each arm's final seeds. "
+                         f"This study serves {policy_name(s.spec.threshold.policy, s.spec.threshold.target)}.",
+                "operating_points", policy_means(s.operating_points, "operating_points.csv", s))])
             + guarded("Best configuration per arm", lambda: [Block(
                 "table", f"Best configuration per arm (best_configs.json): the best last-epoch {s.metric} among the "
                          f"arm's trials that ran the full budget.", "best_configs", best_configs_table(s))])
             + guarded("Search trials", lambda: [Block(
                 "table", f"Every search trial (trial_summary.csv), best first by its last {s.metric}.",
                 "trials", trials_table(s))]))
+
+
+def ci_table(table: pd.DataFrame | None, name: str, s: Study) -> pd.DataFrame:
+    """A summary-shaped table (metric, metric_ci_low, metric_ci_high columns) with each CI in one cell."""
+    s.need_table(table, name)
+    keep = [c for c in ("arm", "seeds", "members", "threshold") if c in table]
+    return pd.DataFrame([{**{c: r[c] for c in keep},
+                          **{METRIC_NAMES.get(m, m): evaluation.ci_text(r, m) for m in metrics.REPORTED}}
+                         for _, r in table.iterrows()])
+
+
+def policy_name(policy: str, target: float | None) -> str:
+    if policy in ("sensitivity", "specificity"):
+        return f"{policy} at least {target:g}"
+    return {"youden": "the Youden point", "calibrated": "0.5 after Platt calibration"}[policy]
+
+
+def policy_means(points: pd.DataFrame | None, name: str, s: Study) -> pd.DataFrame:
+    s.need_table(points, name)
+    out = points.assign(policy=[policy_name(p, t if pd.notna(t) else None) for p, t in zip(points["policy"],
+                                                                                           points["target"])])
+    return (out.groupby(["arm", "policy"], sort=False)[["sensitivity", "specificity", "accuracy"]].mean()
+            .reset_index())
 
 
 def final_metrics_table(s: Study) -> pd.DataFrame:
@@ -296,7 +414,7 @@ def trials_table(s: Study) -> pd.DataFrame:
     return t[[c for c in t.columns if c not in ("checkpoint", "seed")]]
 
 
-# ----------------------------------------------------------------------------- 4. figures
+# ----------------------------------------------------------------------------- 5. figures
 
 def figure_blocks(s: Study) -> list[Block]:
     blocks = []
@@ -308,7 +426,7 @@ def figure_blocks(s: Study) -> list[Block]:
     return blocks
 
 
-# ----------------------------------------------------------------------------- 5. reproduction
+# ----------------------------------------------------------------------------- 6. reproduction
 
 def reproduction(s: Study) -> list[Block]:
     blocks = []
@@ -411,8 +529,8 @@ def render_markdown(title: str, sections: list[tuple[str, list[Block]]]) -> str:
 def build(sdir: str) -> tuple[str, list[tuple[str, list[Block]]]]:
     """The report's title and sections for a study directory (nothing written)."""
     s = Study(sdir)
-    sections = [("Verdict", verdict), ("Fairness audit", fairness), ("Tables", tables), ("Figures", figure_blocks),
-                ("Reproduction", reproduction)]
+    sections = [("Verdict", verdict), ("Internal vs external", internal_vs_external), ("Fairness audit", fairness),
+                ("Tables", tables), ("Figures", figure_blocks), ("Reproduction", reproduction)]
     return f"Study report: {s.spec.name}", [(title, guarded(title, lambda f=f: f(s))) for title, f in sections]
 
 

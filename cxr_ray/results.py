@@ -19,8 +19,8 @@ WRITTEN_BY = {
     "asha_state.json": "the search, at every ASHA decision", "trials.csv": "the end of the search phase",
     "trial_summary.csv": "the end of the search phase", "budget.csv": "the end of the search phase",
     "best_configs.json": "the end of the search phase", "final_trials.csv": "the end of the final training phase",
-    **{name: "the final evaluation"
-       for name in ("final.csv", "summary.csv", "comparison.csv", "predictions.csv", "best.json")},
+    **{name: "the final evaluation" for name in ("final.csv", "summary.csv", "comparison.csv", "predictions.csv",
+                                                  "best.json", "ensembles.csv", "operating_points.csv")},
     "study.json": "the end of the study",
 }
 
@@ -64,7 +64,11 @@ class Study:
         self.comparison = self._csv("comparison.csv")
         self.predictions = self._csv("predictions.csv")
         self.best = self._json("best.json")
+        self.ensembles = self._csv("ensembles.csv")
+        self.operating_points = self._csv("operating_points.csv")
         self.study = self._json("study.json")
+        self.externals = {name: External(self, name) for name in storage.listdir(storage.join(sdir, "external"))
+                          if storage.exists(storage.join(sdir, "external", name, "summary.csv"))}
         if self.summary is not None and len(self.summary):
             self.summary = self.summary.sort_values("auroc", ascending=False, kind="stable")
 
@@ -102,6 +106,11 @@ class Study:
             if value is None or (isinstance(value, pd.DataFrame) and value.empty):
                 raise Missing(self.why(name))
 
+    def need_table(self, table: pd.DataFrame | None, name: str) -> None:
+        """Raise Missing when a table read from ``name`` is absent or empty."""
+        if table is None or table.empty:
+            raise Missing(self.why(name))
+
     @property
     def search_results(self) -> pd.DataFrame:
         """Search-phase rows that carry an epoch and the selection metric."""
@@ -115,3 +124,17 @@ class Study:
     def parameters(self) -> dict[str, int | None]:
         """Parameter count of each arm's model, as the study recorded it (best_configs.json)."""
         return {arm: ((self.best_configs or {}).get(arm) or {}).get("parameters") for arm in self.arms}
+
+
+class External:
+    """The files of one external set's evaluation (external/<name>/), read through its study."""
+
+    def __init__(self, study: Study, name: str):
+        self.name = name
+        read = {"csv": study._csv, "json": study._json}
+        for stem, kind in (("summary", "csv"), ("comparison", "csv"), ("predictions", "csv"), ("ensembles", "csv"),
+                           ("operating_points", "csv"), ("summary_without_shared_patient_ids", "csv"),
+                           ("audit", "json"), ("verdict", "json")):
+            setattr(self, stem, read[kind](f"external/{name}/{stem}.{kind}"))
+        if self.summary is not None and len(self.summary):
+            self.summary = self.summary.sort_values("auroc", ascending=False, kind="stable")

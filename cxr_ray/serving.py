@@ -34,6 +34,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
@@ -46,8 +47,9 @@ from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from . import imaging, models, storage
+from . import evaluation, imaging, metrics, models, storage
 from .data import CLASSES
+from .errors import CxrError
 
 log = logging.getLogger("ray.serve")
 
@@ -73,6 +75,10 @@ class Limits:
     bound_host: str = "127.0.0.1"
 
 
+class ServingError(CxrError, ValueError):
+    """What to serve cannot be found or combined (command line and serve_app arguments)."""
+
+
 class RequestError(Exception):
     def __init__(self, status: int, message: str, file: str | None = None, retry_after: int | None = None):
         super().__init__(message)
@@ -83,60 +89,127 @@ class RequestError(Exception):
 
 @dataclass
 class ModelChoice:
-    checkpoint: str  # local directory with model.safetensors + meta.json
+    checkpoints: list[str]  # local directories with model.safetensors + meta.json (several: a seed ensemble)
     identity: dict  # study, arm, seed, checkpoint (relative), spec_hash: what clients see
     test_metrics: dict
+    threshold: float | None = None  # on the served probability; None: the checkpoint's own (Youden on validation)
+    platt: tuple[float, float] | None = None  # calibration of the served probability
+    operating_point: dict = field(default_factory=dict)  # how the threshold was chosen (policy, target, site)
+    external_metrics: dict = field(default_factory=dict)  # external set -> the same metrics, when scored
     study_dir: str | None = None  # where it came from: for the server's log, never sent to clients
 
 
-def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoint: str | None = None) -> ModelChoice:
-    """The best model of a finished study, its named arm's best final model, or a checkpoint."""
+def _policy(text: str) -> tuple[str, float | None]:
+    """``youden``, ``calibrated``, ``sensitivity:0.95`` or ``specificity:0.9``."""
+    name, _, target = text.partition(":")
+    if name not in metrics.POLICIES or (name in ("sensitivity", "specificity")) != bool(target):
+        raise ServingError(f"threshold policy {text!r}: use youden, calibrated, sensitivity:TARGET or "
+                           "specificity:TARGET")
+    try:
+        return name, float(target) if target else None
+    except ValueError:
+        raise ServingError(f"threshold policy {text!r}: the target must be a number such as 0.95") from None
+
+
+def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoint: str | None = None,
+                 ensemble: bool = False, site: str | None = None, policy: str | None = None) -> ModelChoice:
+    """What to serve: a finished study's best model (or its named arm's best final run), that arm's
+    seed ensemble, or one checkpoint; at the operating point the study chose on validation, a
+    serve-time ``policy`` chosen on the same validation split, or a deployment ``site``'s profile."""
     if checkpoint:
+        if ensemble or site or policy:
+            raise ServingError("--ensemble, --site and --threshold-policy need a study directory, not --checkpoint")
         local = storage.local_dir(storage.normalize(checkpoint))
         meta = json.loads(Path(local, "meta.json").read_text())
-        return ModelChoice(local, {"study": meta.get("study"), "arm": meta.get("arm"), "seed": meta["config"]["seed"],
-                                   "checkpoint": Path(checkpoint.rstrip("/")).name,
-                                   "spec_hash": meta.get("spec_hash")}, {})
+        return ModelChoice([local], {"study": meta.get("study"), "arm": meta.get("arm"),
+                                     "seed": meta["config"]["seed"], "checkpoint": Path(checkpoint.rstrip("/")).name,
+                                     "spec_hash": meta.get("spec_hash")}, {},
+                           operating_point={"policy": "youden", "chosen_on": "the run's validation split"})
     if not study_dir:
-        raise ValueError("give a study directory or --checkpoint")
+        raise ServingError("give a study directory or --checkpoint")
     sdir = storage.normalize(study_dir)
-    best_uri = storage.join(sdir, "best.json")
-    if not storage.exists(best_uri):
+    if not storage.exists(storage.join(sdir, "best.json")):
         raise FileNotFoundError(f"{sdir}: no best.json; is the study finished? (cxr-ray study status {sdir})")
-    best = storage.read_json(best_uri)
-    metrics = best["test_metrics"]
-    relative, seed, arm = best["checkpoint"], best["seed"], arm or best["arm"]
-    if arm != best["arm"]:
-        final = storage.read_csv(storage.join(sdir, "final.csv"))
-        runs = final[final["arm"] == arm].sort_values("val_auroc", ascending=False, kind="stable")
-        if not len(runs):
-            raise FileNotFoundError(f"{sdir}: no final run of arm {arm!r} (arms: {', '.join(sorted(set(final.arm)))})")
-        relative, seed = runs.iloc[0]["checkpoint"], int(runs.iloc[0]["seed"])
-        summary = storage.read_csv(storage.join(sdir, "summary.csv")).set_index("arm")
-        metrics = {m: float(summary.loc[arm, m]) for m in ("auroc", "accuracy", "sensitivity", "specificity", "f1",
-                                                            "ece")}
-    local = storage.local_dir(storage.join(sdir, relative))
-    meta = json.loads(Path(local, "meta.json").read_text())
-    identity = {"study": meta["study"], "arm": arm, "seed": seed, "checkpoint": relative,
-                "spec_hash": meta["spec_hash"]}
-    return ModelChoice(local, identity, metrics, sdir)
+    best = storage.read_json(storage.join(sdir, "best.json"))
+    arm = arm or best["arm"]
+    final = storage.read_csv(storage.join(sdir, "final.csv"))
+    runs = final[final["arm"] == arm].sort_values("val_auroc", ascending=False, kind="stable")
+    if not len(runs):
+        raise FileNotFoundError(f"{sdir}: no final run of arm {arm!r} (arms: {', '.join(sorted(set(final.arm)))})")
+    members = runs if ensemble else runs.iloc[:1]
+    table = "ensembles.csv" if ensemble else "summary.csv"
+    row = storage.read_csv(storage.join(sdir, table)).set_index("arm").loc[arm]
+    test_metrics = {m: float(row[m]) for m in metrics.REPORTED}
+    if ensemble:
+        threshold, platt = float(row["threshold"]), _platt(row)
+    else:
+        threshold, platt = float(members.iloc[0]["threshold"]), _platt(members.iloc[0])
+    spec = storage.read_json(storage.join(sdir, "best.json"))["policy"]
+    point = {"policy": spec["policy"], "target": spec["target"], "chosen_on": "the study's validation split"}
+    if policy:
+        name, target = _policy(policy)
+        val = storage.read_csv(storage.join(sdir, "validation_predictions.csv"))
+        mine = val[val["arm"] == arm].pivot_table(index="item", columns="seed", values="probability")
+        labels = val.drop_duplicates("item").set_index("item")["label"].reindex(mine.index).to_numpy()
+        p_val = mine[[int(s) for s in members["seed"]]].mean(axis=1).to_numpy()
+        threshold, platt = evaluation.choose_point(name, target, labels, p_val)
+        point = {"policy": name, "target": target, "chosen_on": "the study's validation split (at serve time)"}
+    if site:
+        if arm != best["arm"]:
+            raise ServingError(f"site profiles are fitted for the study's served arm {best['arm']}, not {arm}")
+        uri = storage.join(sdir, "sites", f"{site}.json")
+        if not storage.exists(uri):
+            known = [n.removesuffix(".json") for n in storage.listdir(storage.join(sdir, "sites"))]
+            raise FileNotFoundError(f"{sdir}: no site profile {site!r} (profiles: {', '.join(known) or 'none'}; "
+                                    f"make one with cxr-ray calibrate {sdir} --name {site} ...)")
+        profile = storage.read_json(uri)
+        fitted = profile["ensemble" if ensemble else "model"]
+        threshold, platt = fitted["threshold"], tuple(fitted["platt"]) if fitted["platt"] else None
+        point = {"policy": profile["policy"], "target": profile["target"], "site": site,
+                 "chosen_on": f"site {site}'s sample of {profile['images']} images"}
+    external = {}
+    for name in storage.listdir(storage.join(sdir, "external")):
+        uri = storage.join(sdir, "external", name, "ensembles.csv" if ensemble else "summary.csv")
+        if storage.exists(uri):
+            ext = storage.read_csv(uri).set_index("arm")
+            if arm in ext.index:
+                external[name] = {m: float(ext.loc[arm, m]) for m in metrics.REPORTED}
+    locals_ = [storage.local_dir(storage.join(sdir, c)) for c in members["checkpoint"]]
+    meta = json.loads(Path(locals_[0], "meta.json").read_text())
+    identity = {"study": meta["study"], "arm": arm, "seed": -1 if ensemble else int(members.iloc[0]["seed"]),
+                "checkpoint": ",".join(members["checkpoint"]), "spec_hash": meta["spec_hash"]}
+    return ModelChoice(locals_, identity, test_metrics, threshold, platt, point, external, sdir)
+
+
+def _platt(row) -> tuple[float, float] | None:
+    return (float(row["platt_a"]), float(row["platt_b"])) if "platt_a" in row and pd.notna(row["platt_a"]) else None
 
 
 # ----------------------------------------------------------------------------- the model logic
 
 class Predictor:
-    """Model + preprocessing, plain Python: testable without Serve, shared by the bare baseline."""
+    """Model(s) + preprocessing, plain Python: testable without Serve, shared by the bare baseline.
+    Several checkpoints (a seed ensemble) are served as the mean of their probabilities."""
 
     def __init__(self, choice: ModelChoice):
-        self.model, self.meta = models.load_checkpoint(choice.checkpoint)
+        loaded = [models.load_checkpoint(c) for c in choice.checkpoints]
+        self.members = [m for m, _ in loaded]
+        self.meta = loaded[0][1]
+        if any((m["image_size"], m["mean"], m["std"]) != (self.meta["image_size"], self.meta["mean"], self.meta["std"])
+               for _, m in loaded):
+            raise ServingError("an ensemble's members must share their preprocessing (image size, normalisation)")
         self.identity = choice.identity | {"backbone": self.meta["backbone"], "image_size": self.meta["image_size"],
-                                           "epoch": self.meta["epoch"]}
-        self.test_metrics = choice.test_metrics
+                                           "epoch": self.meta["epoch"], "members": len(self.members)}
+        self.test_metrics, self.external_metrics = choice.test_metrics, choice.external_metrics
+        self.operating_point = choice.operating_point | {"platt": choice.platt}
         self.size, self.norm = self.meta["image_size"], (self.meta["mean"], self.meta["std"])
-        self.threshold = float(self.meta["threshold"])
+        self.threshold = float(self.meta["threshold"] if choice.threshold is None else choice.threshold)
+        self.platt = choice.platt
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-        self.model.requires_grad_(False)  # Grad-CAM asks for d(logit)/d(maps) only: no shared .grad state
+        for model in self.members:
+            model.to(self.device)
+            model.requires_grad_(False)  # Grad-CAM asks for d(logit)/d(maps) only: no shared .grad state
+        self.model = self.members[0]
         with torch.no_grad():
             probe = self.model.features(torch.zeros(1, 1, self.size, self.size, device=self.device))
         self.explainable = probe.ndim == 4
@@ -149,9 +222,11 @@ class Predictor:
             raise image_error(e, name) from None
 
     def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
-        x = torch.from_numpy(np.stack(arrays)).unsqueeze(1).to(self.device)
+        """The served P(pneumonia): the members' mean, calibrated when the operating point says so."""
+        x = models.normalize(torch.from_numpy(np.stack(arrays)).unsqueeze(1).to(self.device), self.norm)
         with torch.no_grad():
-            return torch.sigmoid(self.model(models.normalize(x, self.norm))).cpu().numpy()
+            p = torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(0).cpu().numpy()
+        return metrics.apply_platt(p, self.platt).astype(np.float32) if self.platt else p
 
     def result(self, probability: float) -> dict:
         label = int(probability >= self.threshold)
@@ -165,17 +240,23 @@ class Predictor:
         not accumulated into parameters), so concurrent calls on the shared model are safe.
         """
         x = models.normalize(torch.tensor(array)[None, None].to(self.device), self.norm)
-        with torch.no_grad():
-            maps = self.model.features(x)
-        maps.requires_grad_(True)
-        with torch.enable_grad():
-            logit = self.model.classify(maps)
-            (grad,) = torch.autograd.grad(logit.sum(), maps)
-        with torch.no_grad():
-            cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * maps).sum(1, keepdim=True))
-            cam = F.interpolate(cam, size=array.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+        cams, probs = [], []
+        for model in self.members:  # an ensemble's map is the mean of its members' maps
+            with torch.no_grad():
+                maps = model.features(x)
+            maps.requires_grad_(True)
+            with torch.enable_grad():
+                logit = model.classify(maps)
+                (grad,) = torch.autograd.grad(logit.sum(), maps)
+            with torch.no_grad():
+                cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * maps).sum(1, keepdim=True))
+                cams.append(F.interpolate(cam, size=array.shape, mode="bilinear", align_corners=False)[0, 0])
+            probs.append(float(torch.sigmoid(logit).item()))
+        cam = torch.stack(cams).mean(0).cpu().numpy()
         cam = cam / cam.max() if cam.max() > 0 else cam
-        return overlay_png(array, cam), float(torch.sigmoid(logit).item())
+        p = float(np.mean(probs))
+        p = float(metrics.apply_platt([p], self.platt)[0]) if self.platt else p
+        return overlay_png(array, cam), p
 
 
 def overlay_png(gray: np.ndarray, heat: np.ndarray, scale: int = 4) -> bytes:
@@ -512,12 +593,13 @@ class ErrorBody(BaseModel):
 class ModelIdentity(BaseModel):
     study: str | None
     arm: str | None
-    seed: int | None
-    checkpoint: str = Field(description="relative to the study directory")
+    seed: int | None = Field(description="-1 for a seed ensemble")
+    checkpoint: str = Field(description="relative to the study directory (comma-separated for an ensemble)")
     spec_hash: str | None
     backbone: str
     image_size: int
     epoch: int
+    members: int = Field(description="models averaged (1, or the seeds of an ensemble)")
 
 
 class Prediction(BaseModel):
@@ -550,12 +632,23 @@ class Preprocessing(BaseModel):
     geometry: str
 
 
+class OperatingPoint(BaseModel):
+    policy: str = Field(description="youden, sensitivity, specificity or calibrated (see the README)")
+    target: float | None = Field(default=None, description="the sensitivity or specificity aimed at")
+    site: str | None = Field(default=None, description="the site profile, when one is served")
+    chosen_on: str = Field(description="the labelled images the threshold was chosen on")
+    platt: tuple[float, float] | None = Field(default=None, description="calibration of the served probability")
+
+
 class ModelInfo(BaseModel):
     model: ModelIdentity
     threshold: float
+    operating_point: OperatingPoint
     preprocessing: Preprocessing
     class_names: list[str]
-    test_metrics: dict[str, float | None]
+    test_metrics: dict[str, float | None] = Field(description="on the study's internal test split")
+    external_metrics: dict[str, dict[str, float | None]] = Field(
+        description="per external set (collected apart from train), when the study scored one")
     validation_metrics: dict[str, Any]
 
 
@@ -773,8 +866,10 @@ class CXRServer:
     async def model_info(self):
         meta = self.predictor.meta
         return {"model": self.predictor.identity, "threshold": self.predictor.threshold,
+                "operating_point": self.predictor.operating_point,
                 "preprocessing": {k: meta[k] for k in ("image_size", "mean", "std", "channels", "geometry")},
                 "class_names": meta["class_names"], "test_metrics": finite(self.predictor.test_metrics),
+                "external_metrics": {k: finite(v) for k, v in self.predictor.external_metrics.items()},
                 "validation_metrics": finite(meta["metrics"])}
 
     @api.get("/v1/stats", summary="Server-side batch sizes seen by this replica", response_model=Stats,
@@ -824,6 +919,7 @@ def _names(value) -> tuple[str, ...]:
 
 
 def build(study_dir: str | None = None, arm: str | None = None, checkpoint: str | None = None,
+          ensemble: bool = False, site: str | None = None, threshold_policy: str | None = None,
           replicas: str | int = 1, max_replicas: int = 4, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
           gpus_per_replica: float = 0, max_upload_mb: float = Limits.max_upload_mb,
           upload_timeout_s: float = Limits.upload_timeout_s, decode_timeout_s: float = Limits.decode_timeout_s,
@@ -836,7 +932,8 @@ def build(study_dir: str | None = None, arm: str | None = None, checkpoint: str 
     ``max_ongoing_requests`` per replica wait at the proxy, and beyond ``max_queued_requests``
     they get 503 with Retry-After.
     """
-    choice = choose_model(study_dir, arm, checkpoint)
+    choice = choose_model(study_dir, arm, checkpoint, ensemble=str(ensemble).lower() in ("true", "1", "yes"),
+                          site=site, policy=threshold_policy)
     limits = Limits(max_upload_mb=float(max_upload_mb), upload_timeout_s=float(upload_timeout_s),
                     decode_timeout_s=float(decode_timeout_s), decode_workers=int(decode_workers),
                     inflight_mb=float(inflight_mb), allowed_hosts=_names(allowed_hosts),
@@ -860,8 +957,8 @@ def serve_blocking(args) -> None:
         print(f"WARNING: binding {args.host}: the API has no authentication; anyone who can reach this address "
               "can send images to the model. Put it behind an authenticating proxy, and name the host clients "
               "use with --allowed-host.", flush=True)
-    app = build(args.dir, args.arm, args.checkpoint, args.replicas, args.max_replicas, args.max_batch_size,
-                args.batch_wait_ms, args.gpus_per_replica, args.max_upload_mb,
+    app = build(args.dir, args.arm, args.checkpoint, args.ensemble, args.site, args.threshold_policy, args.replicas,
+                args.max_replicas, args.max_batch_size, args.batch_wait_ms, args.gpus_per_replica, args.max_upload_mb,
                 upload_timeout_s=args.upload_timeout_s, decode_timeout_s=args.decode_timeout_s,
                 allowed_hosts=args.allowed_host, allow_origins=args.allow_origin, host=args.host)
     runtime.connect()

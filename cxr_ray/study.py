@@ -22,7 +22,7 @@ import pandas as pd
 import ray
 from ray import tune
 
-from . import console, data, evaluation, models, runtime, spec as specs, storage, training
+from . import console, data, evaluation, external, models, runtime, spec as specs, storage, training
 from .config import TrainConfig
 from .errors import CxrError
 from .scheduler import PerArmASHA
@@ -278,7 +278,16 @@ def prepare_data(spec: specs.Spec, sdir: str, progress: bool = True) -> data.Pre
             raise data.DataError(f"the {name} split has {len(labels)} images of a single class; use more data "
                                  f"or a larger data.{name}_fraction")
     storage.write_csv(storage.join(sdir, "split.csv"), prepared.split)
-    storage.write_json(storage.join(sdir, "data_report.json"), prepared.report)
+    report = dict(prepared.report)
+    if spec.external:  # audited against the study's images now, scored only after the final phase
+        report["external"] = {}
+        for ext in spec.external:
+            audit = external.audit(spec, sdir, ext)[2]
+            report["external"][ext.name] = audit
+            print(f"external set {ext.name}: {audit['images']} images; {audit['same_bytes']['images']} byte-identical "
+                  f"to the study's images (left out), {audit['shared_patient_ids']['images']} with a patient id "
+                  f"the study also has (scored both ways)", flush=True)
+    storage.write_json(storage.join(sdir, "data_report.json"), report)
     return prepared
 
 
@@ -370,14 +379,19 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     phases[FINAL] = phase_efficiency(final_trials, spec, t0, time.time())
     storage.write_csv(storage.join(sdir, "final_trials.csv"), final_trials)
 
-    # Phase 4: evaluation on the held-out test split.
+    # Phase 4: evaluation on the held-out test split, then each external set, scored once.
     outcome = evaluation.evaluate(spec, sdir, prepared, final_trials)
+    verdicts = [outcome["verdict"]]
+    for ext in spec.external:
+        done = storage.join(sdir, "external", ext.name, "verdict.json")
+        verdicts.append(storage.read_json(done)["verdict"] if storage.exists(done)
+                        else external.evaluate_set(spec, sdir, ext)["verdict"])
     storage.write_json(storage.join(sdir, "study.json"), {
         "name": spec.name, "spec_hash": spec.hash, "finished": True, "driver_wall_s": time.time() - start,
         "engine": spec.engine, "phases": phases,
         "command": " ".join(sys.argv), "ray_resources": ray.cluster_resources(),
     })
-    print("\n" + outcome["verdict"], flush=True)
+    print("\n" + "\n".join(verdicts), flush=True)
     if report:
         from . import report as reporting
         path = reporting.write(sdir)

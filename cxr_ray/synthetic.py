@@ -30,14 +30,15 @@ class SyntheticItem:
 
 
 def listing(n_images: int, seed: int) -> list[SyntheticItem]:
-    """The fake patients and their images, about ``n_images`` in all."""
+    """The fake patients and their images, about ``n_images`` in all. Patients of another seed have
+    other names (``SYN-S3-P00007``), so two sets never share a patient id by accident."""
     rng = np.random.default_rng([seed, 0])
     items: list[SyntheticItem] = []
     p = 0
     while len(items) < n_images:
         label = int(rng.random() < PNEUMONIA_FRACTION)
         count = min(int(rng.integers(1, 5)), n_images - len(items))
-        patient = f"SYN-P{p:05d}"
+        patient = f"SYN-P{p:05d}" if seed == 0 else f"SYN-S{seed}-P{p:05d}"
         items += [SyntheticItem(f"{patient}-{i:02d}.png", patient, label, p, i) for i in range(count)]
         p += 1
     return items
@@ -63,8 +64,9 @@ def _low_freq(rng, size: int, cells: int) -> np.ndarray:
     return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
 
 
-def render(item: SyntheticItem, seed: int, size: int) -> np.ndarray:
-    """One ``size`` x ``size`` uint8 image."""
+def render(item: SyntheticItem, seed: int, size: int, shift: float = 0.0) -> np.ndarray:
+    """One ``size`` x ``size`` uint8 image. ``shift`` > 0 draws it as another site would: brighter
+    exposure, a harder contrast curve and more detector noise (0: the default site)."""
     anatomy = np.random.default_rng([seed, 1, item.patient_index])
     rng = np.random.default_rng([seed, 2, item.patient_index, item.image_index])
 
@@ -116,7 +118,7 @@ def render(item: SyntheticItem, seed: int, size: int) -> np.ndarray:
         img += rng.uniform(0.02, 0.10) * _blob(x, y, cx, cy, 0.03, 0.03, 0.0) * body
 
     # Exposure and detector noise.
-    img = img * rng.uniform(0.75, 1.25) + rng.normal(0, 0.04)
-    img = np.clip(img, 0, 1) ** rng.uniform(0.75, 1.35)
-    img += rng.normal(0, rng.uniform(0.01, 0.04), img.shape)
+    img = img * (rng.uniform(0.75, 1.25) + 0.25 * shift) + rng.normal(0, 0.04)
+    img = np.clip(img, 0, 1) ** (rng.uniform(0.75, 1.35) * (1 + 0.4 * shift))
+    img += rng.normal(0, rng.uniform(0.01, 0.04) + 0.03 * shift, img.shape)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)

@@ -370,9 +370,10 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
     storage.write_json(f"{sdir}/best_configs.json", best)
 
     # final: each arm's best configuration x every seed; the real evaluation scores their test probabilities
-    test_rows = np.flatnonzero(parts == "test")
-    y = index["label"].to_numpy()[test_rows]
+    test_rows, val_rows = np.flatnonzero(parts == "test"), np.flatnonzero(parts == "val")
+    y, y_val = index["label"].to_numpy()[test_rows], index["label"].to_numpy()[val_rows]
     patient_effect = np.repeat(rng.normal(0, 0.6, len(test_rows) // 2), 2)  # hard patients are hard for every arm
+    val_rng = np.random.default_rng(1)
     rows = []
     for seed in spec.final.seeds:
         for a, arm in enumerate(spec.arm_names):
@@ -386,11 +387,13 @@ def write_fake_study(root: Path, *, unmatched: bool = False) -> Path:
             ckpt = root / rows[-1]["checkpoint"]
             ckpt.mkdir(parents=True, exist_ok=True)
             np.save(ckpt / "test_probabilities.npy", (1 / (1 + np.exp(-logit))).astype(np.float32))
+            val_logit = FAKE_SEPARATION[arm] * (2 * y_val - 1) + val_rng.normal(0, 0.8, len(y_val))
+            np.save(ckpt / "val_probabilities.npy", (1 / (1 + np.exp(-val_logit))).astype(np.float32))
             (ckpt / "meta.json").write_text(json.dumps({"backbone": spec.arm(arm).backbone,
                                                        "threshold": 0.5 + 0.02 * (seed - 1)}))
     final_trials = pd.DataFrame(rows)
     storage.write_csv(f"{sdir}/final_trials.csv", final_trials)
-    prepared = SimpleNamespace(rows={"test": test_rows}, cache=SimpleNamespace(index=index))
+    prepared = SimpleNamespace(rows={"test": test_rows, "val": val_rows}, cache=SimpleNamespace(index=index))
     evaluation.evaluate(spec, sdir, prepared, final_trials)
     storage.write_json(f"{sdir}/study.json", {
         "name": spec.name, "spec_hash": spec.hash, "finished": True, "driver_wall_s": 321.5,

@@ -33,6 +33,7 @@ from ray import serve
 import hostile_corpus as hc
 from conftest import CLI, REPO_ROOT, chromium, kill_session
 from cxr_ray import config, data, imaging, models, runtime, serving, synthetic, training
+from cxr_ray import metrics as cxr_metrics
 
 pytestmark = pytest.mark.e2e
 SIZE = 48
@@ -94,10 +95,11 @@ def study(tmp_path_factory) -> Path:
     models.save_checkpoint(ckpt, model, opt, sched, 1, cfg, models.normalization(cfg.backbone),
                            {"threshold": 0.5, "val_auroc": 0.9})
     relative = "runs/t0/checkpoint_0"
-    metrics = {m: 0.9 for m in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "ece")}
+    metrics = {m: 0.9 for m in cxr_metrics.REPORTED}
     (root / "best.json").write_text(json.dumps({"arm": "lcnet_050", "seed": 0, "checkpoint": relative,
-                                                "test_metrics": metrics}))
-    pd.DataFrame([{"arm": "lcnet_050", "seed": 0, "val_auroc": 0.9, "checkpoint": relative}]).to_csv(
+                                                "test_metrics": metrics, "threshold": 0.5,
+                                                "policy": {"policy": "youden", "target": None}}))
+    pd.DataFrame([{"arm": "lcnet_050", "seed": 0, "val_auroc": 0.9, "threshold": 0.5, "checkpoint": relative}]).to_csv(
         root / "final.csv", index=False)
     pd.DataFrame([{"arm": "lcnet_050", **metrics}]).to_csv(root / "summary.csv", index=False)
     images = root / "images"
