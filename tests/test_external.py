@@ -83,7 +83,7 @@ def test_the_study_scores_its_external_set_once_with_cis_and_a_verdict(study):
     assert set(policies["policy"]) >= {"youden", "sensitivity", "specificity"}
     # the verdict names both the internal and the external result
     verdict = json.loads((ext / "verdict.json").read_text())["verdict"]
-    assert verdict.startswith(f"On othersite (external") and chosen in verdict
+    assert verdict.startswith("On othersite (external") and chosen in verdict
     assert ("internal verdict is confirmed on othersite" in verdict) != ("is not confirmed on othersite" in verdict)
     assert verdict in console
     report = (sdir / "report" / "index.html").read_text()

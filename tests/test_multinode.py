@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from conftest import CLI, kill_session
+from cxr_ray import training
 from cxr_ray.runtime import free_port
 
 pytestmark = pytest.mark.e2e
@@ -118,24 +119,17 @@ def cluster(tmp_path_factory, study_env):
 
 
 def search_in_progress(study: Path) -> bool:
-    """A search trial has recorded some but not all of its epochs (its run's metrics.csv, written
-    on the shared storage before each epoch is reported)."""
+    """A search trial has committed a checkpoint for some but not all epochs (on the shared storage,
+    before the epoch is reported)."""
     if (study / "trials.csv").exists():
         return False
-    for history in study.glob("runs/*/metrics.csv"):
-        try:
-            epochs = pd.read_csv(history)["epoch"]
-        except (OSError, ValueError, KeyError):
-            continue  # being written
-        if len(epochs) and 1 <= epochs.max() < EPOCHS:
-            return True
-    return False
+    return any(1 <= epoch < EPOCHS for run in study.glob("runs/*") for epoch in training.checkpoints(str(run)))
 
 
 @pytest.mark.parametrize("engine", ["tune", "train"])
 def test_study_runs_on_the_worker_node_and_survives_losing_it(cluster, tmp_path, engine):
     head = cluster.wait_nodes(1)[0]["id"]
-    first = cluster.start_worker("worker1.log")
+    first = cluster.start_worker(f"{engine}-worker1.log")
     nodes = cluster.wait_nodes(2, trainers=1)
     worker1 = next(n["id"] for n in nodes if n["id"] != head)
     spec, storage = tmp_path / "multinode.yaml", tmp_path / "shared"
@@ -152,18 +146,22 @@ def test_study_runs_on_the_worker_node_and_survives_losing_it(cluster, tmp_path,
     assert search_in_progress(study), cluster.job("logs", job_id)[-3000:]
     kill_session(first)
     cluster.wait_nodes(1)  # the head notices the lost node
-    cluster.start_worker("worker2.log")
-    nodes = cluster.wait_nodes(2, trainers=1)
-    worker2 = next(n["id"] for n in nodes if n["id"] != head)
-    assert worker2 != worker1
+    second = cluster.start_worker(f"{engine}-worker2.log")
+    try:
+        nodes = cluster.wait_nodes(2, trainers=1)
+        worker2 = next(n["id"] for n in nodes if n["id"] != head)
+        assert worker2 != worker1
 
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        state = cluster.job("status", job_id).lower()  # "... RUNNING" or "Job '...' succeeded"
-        if any(s in state for s in ("succeeded", "failed", "stopped")):
-            break
-        time.sleep(3)
-    logs = cluster.job("logs", job_id)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            state = cluster.job("status", job_id).lower()  # "... RUNNING" or "Job '...' succeeded"
+            if any(s in state for s in ("succeeded", "failed", "stopped")):
+                break
+            time.sleep(3)
+        logs = cluster.job("logs", job_id)
+    finally:  # the next test starts from the head alone
+        kill_session(second)
+        cluster.wait_nodes(1)
     assert "succeeded" in state, logs[-5000:]
 
     trials = pd.concat([pd.read_csv(study / "trials.csv"), pd.read_csv(study / "final_trials.csv")])
