@@ -215,16 +215,25 @@ def test_both_engines_train_identically(studies):
     for column in ("train_loss", "val_loss", "val_auroc", "threshold", "val_accuracy_youden"):
         pd.testing.assert_series_equal(tables["tune"].loc[common, column], tables["train"].loc[common, column],
                                        check_exact=False, atol=1e-9, rtol=0)
-    for engine in ENGINES:  # the served checkpoint is the same model in the same format on both engines
+    # A trial both studies ran to the end (same arm, configuration, seed) ends in the same checkpoint:
+    # the same metadata (but the spec hash: the specs differ in their engine) and the same weights.
+    done = {}
+    for engine in ENGINES:
         study, _, _ = studies(engine)
-        best = json.loads((study / "best.json").read_text())
-        tables[engine, "meta"] = json.loads((study / best["checkpoint"] / "meta.json").read_text())
-        tables[engine, "shapes"] = {k: tuple(v.shape) for k, v in
-                                    load_file(str(study / best["checkpoint"] / "model.safetensors")).items()}
-    volatile = {"metrics", "config", "spec_hash"}  # the two specs differ in their engine
-    assert {k: v for k, v in tables["tune", "meta"].items() if k not in volatile} == \
-        {k: v for k, v in tables["train", "meta"].items() if k not in volatile}
-    assert tables["tune", "shapes"] == tables["train", "shapes"]
+        summary_csv = pd.read_csv(study / "trial_summary.csv")
+        done[engine] = {(r.arm, r.config_id): study / r.checkpoint
+                        for r in summary_csv[summary_csv["outcome"] == "completed"].itertuples()}
+    both = sorted(set(done["tune"]) & set(done["train"]))
+    assert both, done
+    tune_ckpt, train_ckpt = done["tune"][both[0]], done["train"][both[0]]
+    volatile = {"metrics", "config", "spec_hash"}
+    metas = [{k: v for k, v in json.loads((c / "meta.json").read_text()).items() if k not in volatile}
+             for c in (tune_ckpt, train_ckpt)]
+    assert metas[0] == metas[1]
+    weights = [load_file(str(c / "model.safetensors")) for c in (tune_ckpt, train_ckpt)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert tensor.shape == weights[1][name].shape and tensor.allclose(weights[1][name], atol=1e-6), name
 
 
 EARLY_STOPS = """
