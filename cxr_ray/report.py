@@ -184,8 +184,9 @@ def external_blocks(s: Study, name: str, ext) -> list[Block]:
 
 def set_source(audit: dict) -> str:
     src = audit.get("set", {})
-    where = src.get("path") or f"synthetic, seed {src.get('synthetic_seed')}, shift {src.get('synthetic_shift')}"
-    return f"{src.get('source', '?')}: {where}" + (f", split {src['split']}" if src.get("split") else "")
+    if src.get("source") == "synthetic":
+        return f"synthetic, seed {src.get('synthetic_seed')}, shift {src.get('synthetic_shift')}"
+    return f"{src.get('source', '?')}: {src.get('path')}" + (f", split {src['split']}" if src.get("split") else "")
 
 
 def split_counts(found: dict) -> str:
