@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4, help="epochs per side, the first is warm-up (default 4)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on both sides (default 1)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="skip the tensor augmentation")
+    p.add_argument("--augment", choices=("none", "mild", "strong"), default="mild", help="tensor augmentation (default mild)")
     p.add_argument("--bare-runs", type=int, default=2,
                    help="bare-loop runs, split before/after the Ray run (default 2; 1 = before only)")
     return p.parse_args()

@@ -14,6 +14,9 @@ from .errors import CxrError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 IMBALANCE = ("weighted_loss", "sampler", "none")
+# none; mild: small affine jitter and exposure; strong: random resized crops whose width/height ratio
+# is jittered (0.6-1.67), rotation, gamma, contrast, blur and noise (training.augment_strong)
+AUGMENTATIONS = ("none", "mild", "strong")
 # linear: dropout -> one logit. keras16: the head of the original Keras experiments,
 # Dense(hidden=16, ReLU) -> Dropout -> Dense(1).
 HEADS = ("linear", "keras16")
@@ -47,7 +50,8 @@ class TrainConfig:
     freeze_epochs: int = 0  # linear-probe epochs with the backbone frozen, then full fine-tuning
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     imbalance: str = "weighted_loss"
-    augment: bool = True
+    augment: str = "mild"
+    ema_decay: float = 0.0  # > 0: validate, checkpoint and serve an exponential moving average of the weights
     seed: int = 0
     threads: int = 0  # torch intra-op threads per worker; 0 = the worker's CPU allotment
     evaluate_test: bool = False  # score the test split after the last epoch (final evaluation runs)
@@ -75,6 +79,8 @@ class TrainConfig:
         check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         check(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
         check(self.imbalance in IMBALANCE, "imbalance", f"must be one of {', '.join(IMBALANCE)}")
+        check(self.augment in AUGMENTATIONS, "augment", f"must be one of {', '.join(AUGMENTATIONS)}")
+        check(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         check(self.head in HEADS, "head", f"must be one of {', '.join(HEADS)}")
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -191,13 +191,14 @@ def predict(model: nn.Module, images: np.ndarray, rows: np.ndarray, norm: tuple[
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, epoch: int, cfg: TrainConfig,
-                    norm: tuple[float, float], report: dict) -> None:
-    """Weights (safetensors), optimiser/scheduler state (weights_only-safe) and metadata (JSON)."""
+                    norm: tuple[float, float], report: dict, train_state: dict | None = None) -> None:
+    """Weights of the served model (safetensors), optimiser/scheduler state and anything else needed
+    to resume (``train_state``; tensors and numbers only, so weights_only-safe) and metadata (JSON)."""
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
-               directory / "train_state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                **(train_state or {})}, directory / "train_state.pt")
     meta = {
         "backbone": cfg.backbone, "head": cfg.head, "hidden": cfg.hidden, "dropout": cfg.dropout,
         "image_size": cfg.image_size, "mean": norm[0], "std": norm[1], "channels": 1,

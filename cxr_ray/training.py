@@ -19,6 +19,7 @@ Where the loop runs is a thin adapter (rank, world size, device, model wrapping,
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -48,22 +49,101 @@ class TrainError(CxrError, RuntimeError):
 
 # ----------------------------------------------------------------------------- batches
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mild radiograph-safe augmentation on a normalised batch: affine jitter and exposure.
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torch.Tensor:
+    return (torch.rand(n, generator=gen, device=gen.device) * (hi - lo) + lo).to(device)
 
-    No horizontal flips: the heart is on the left in a frontal film.
-    """
-    n = x.shape[0]
 
-    def u(lo, hi):
-        return torch.rand(n, generator=gen, device=gen.device).to(x.device) * (hi - lo) + lo
+def _log_uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.exp(_uniform(n, math.log(lo), math.log(hi), gen, device))
 
-    angle, scale = u(-0.12, 0.12), u(0.9, 1.1)
+
+def augment_mild(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mild augmentation of a normalised batch: small rotation, zoom and shift, and exposure."""
+    n, dev = x.shape[0], x.device
+    angle, scale = _uniform(n, -0.12, 0.12, gen, dev), _uniform(n, 0.9, 1.1, gen, dev)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, u(-0.06, 0.06)], 1), torch.stack([sin, cos, u(-0.06, 0.06)], 1)], 1)
+    shift_x, shift_y = _uniform(n, -0.06, 0.06, gen, dev), _uniform(n, -0.06, 0.06, gen, dev)
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return x * u(0.85, 1.15).view(n, 1, 1, 1) + u(-0.15, 0.15).view(n, 1, 1, 1)
+    return x * _uniform(n, 0.85, 1.15, gen, dev).view(n, 1, 1, 1) + _uniform(n, -0.15, 0.15, gen, dev).view(n, 1, 1, 1)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A separable Gaussian blur of each image of ``x`` (N,1,H,W) with its own ``sigma`` (px)."""
+    n, _, h, w = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).view(n, 1, 1, -1)
+    y = F.conv2d(F.pad(x.view(1, n, h, w), (radius, radius, 0, 0), mode="replicate"), kernel, groups=n)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), kernel.transpose(2, 3), groups=n)
+    return y.view(n, 1, h, w)
+
+
+def augment_strong(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Strong radiograph-safe augmentation of a batch in 0..1 (returns 0..1).
+
+    Geometry: a random resized crop of 65-100% of the area whose width/height ratio is jittered
+    log-uniformly in 0.6-1.67 (films reach us squashed to a square by different amounts, and how much
+    must not be a cue), rotated by up to 10 degrees, anywhere in the image. Photometric: gamma
+    0.7-1.4, contrast 0.75-1.33 about the image mean, brightness +-0.1, then with probability 0.25
+    each a Gaussian blur (sigma 0.3-1.2 px at 64 px, scaled with the size) and Gaussian noise (std
+    up to 0.04). No horizontal flip: the heart is on the left in a frontal film.
+    """
+    n, _, h, _ = x.shape
+    dev = x.device
+    area, ratio = _uniform(n, 0.65, 1.0, gen, dev), _log_uniform(n, 0.6, 1 / 0.6, gen, dev)
+    fw, fh = torch.sqrt(area * ratio).clamp(max=1.0), torch.sqrt(area / ratio).clamp(max=1.0)
+    angle = _uniform(n, -math.pi / 18, math.pi / 18, gen, dev)
+    tx, ty = _uniform(n, -1, 1, gen, dev) * (1 - fw), _uniform(n, -1, 1, gen, dev) * (1 - fh)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([fw * cos, -fh * sin, tx], 1), torch.stack([fw * sin, fh * cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    x = x.clamp(1e-6, 1) ** _log_uniform(n, 0.7, 1.4, gen, dev).view(n, 1, 1, 1)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * _log_uniform(n, 0.75, 1.33, gen, dev).view(n, 1, 1, 1) + mean \
+        + _uniform(n, -0.1, 0.1, gen, dev).view(n, 1, 1, 1)
+    blur = _uniform(n, 0, 1, gen, dev) < 0.25
+    sigma = _uniform(n, 0.3, 1.2, gen, dev) * (h / 64)
+    if blur.any():
+        x = torch.where(blur.view(n, 1, 1, 1), _blur(x, sigma.clamp(min=1e-3)), x)
+    noisy = (_uniform(n, 0, 1, gen, dev) < 0.25).float().view(n, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=gen, device=gen.device).to(dev)
+    x = x + noisy * _uniform(n, 0, 0.04, gen, dev).view(n, 1, 1, 1) * noise
+    return x.clamp(0, 1)
+
+
+def model_input(x: torch.Tensor, norm: tuple[float, float], cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """A batch of cached uint8 pixels as the model trains on it: augmented per ``cfg.augment``,
+    normalised as the checkpoint says (what evaluation and serving apply, without the augmentation)."""
+    if cfg.augment == "strong":
+        return (augment_strong(x.float() / 255.0, gen) - norm[0]) / norm[1]
+    x = models.normalize(x, norm)
+    return augment_mild(x, gen) if cfg.augment == "mild" else x
+
+
+class ModelEMA:
+    """An exponential moving average of a model's weights (BatchNorm statistics averaged alike),
+    the model that is validated, checkpointed and served when ``ema_decay`` > 0. The decay ramps
+    up as min(decay, (1 + t) / (10 + t)) so the first steps do not freeze the initial weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = model.state_dict()
+        for name, value in self.module.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(current[name].detach(), alpha=1 - d)
+            else:  # BatchNorm's step counter
+                value.copy_(current[name])
 
 
 class Prefetcher:
@@ -188,13 +268,13 @@ def write_history_row(run_dir: str, row: dict) -> None:
 
 
 def record_epoch(run_dir: str, report: dict, model, optimizer, scheduler, cfg: TrainConfig, norm,
-                 arrays: dict[str, np.ndarray], keep: int) -> str:
+                 arrays: dict[str, np.ndarray], keep: int, train_state: dict | None = None) -> str:
     """Rank 0: the epoch's history row, then its checkpoint, then drop checkpoints beyond the
     newest ``keep`` (0 keeps all). Returns the checkpoint's URI."""
     uri = checkpoint_uri(run_dir, report["epoch"])
     write_history_row(run_dir, report | {"checkpoint": uri})
     with tempfile.TemporaryDirectory() as tmp:
-        models.save_checkpoint(Path(tmp), model, optimizer, scheduler, report["epoch"], cfg, norm, report)
+        models.save_checkpoint(Path(tmp), model, optimizer, scheduler, report["epoch"], cfg, norm, report, train_state)
         for name, values in arrays.items():
             np.save(Path(tmp) / f"{name}.npy", values)
         storage.upload_dir(tmp, uri, last="meta.json")
@@ -294,7 +374,8 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def train_epoch(net, model, optimizer, scheduler, images, labels, train_rows, class_weight, norm, cfg: TrainConfig,
-                epoch: int, rank: int, world: int, device: torch.device) -> tuple[float, int, float, float]:
+                epoch: int, rank: int, world: int, device: torch.device,
+                ema: ModelEMA | None = None) -> tuple[float, int, float, float]:
     """One epoch of this rank's shard: (loss sum, images seen, seconds waiting for data, seconds).
 
     Every random stream (order, augmentation, dropout) is seeded from (seed, epoch, rank), so a run
@@ -312,9 +393,7 @@ def train_epoch(net, model, optimizer, scheduler, images, labels, train_rows, cl
     for x, y in Prefetcher(images, labels, epoch_batches(train_rows, labels, cfg, epoch, rank, world), pin=cuda):
         wait += time.perf_counter() - t_ready
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x = models.normalize(x, norm)
-        if cfg.augment:
-            x = augment(x, gen)
+        x = model_input(x, norm, cfg, gen)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -327,6 +406,8 @@ def train_epoch(net, model, optimizer, scheduler, images, labels, train_rows, cl
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        if ema:
+            ema.update(model)
         loss_sum += loss.detach() * len(y)
         seen += len(y)
         t_ready = time.perf_counter()
@@ -352,6 +433,8 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     net = world.wrap(model, find_unused=cfg.freeze_epochs > 0)
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    scored = ema.module if ema else model  # what is validated, checkpointed and served
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(epoch_batches(train_rows, labels, cfg, 0, rank, size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps_per_epoch))
@@ -362,8 +445,11 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
         start_epoch = max(saved)
         with tempfile.TemporaryDirectory() as tmp:
             d = storage.local_dir(saved[start_epoch], cache=tmp)
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
             state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
+            scored.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            if ema:  # the checkpoint serves the average; the raw weights it averages train on
+                model.load_state_dict(state["model"])
+                ema.updates = state["ema_updates"]
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             last = storage.read_json(os.path.join(d, "meta.json"))["metrics"]
@@ -386,14 +472,14 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
         start = time.perf_counter()
         loss_sum, seen, wait, train_time = train_epoch(net, model, optimizer, scheduler, images, labels,
                                                        train_rows, class_weight, norm, cfg, epoch, rank, size,
-                                                       device)
+                                                       device, ema)
 
         # Validation on the full split, gathered so every rank reports identical numbers. Each rank's
         # BatchNorm statistics drifted on its own last batches: score with rank 0's, the checkpointed model.
         if dist.is_initialized() and size > 1:
-            for buffer in model.buffers():
+            for buffer in scored.buffers():
                 dist.broadcast(buffer, src=0)
-        p_val = predict_distributed(model, images, val_rows, norm, device, rank, size, cuda)
+        p_val = predict_distributed(scored, images, val_rows, norm, device, rank, size, cuda)
         stats = torch.tensor([loss_sum, seen, wait, train_time], device=device, dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(stats)
@@ -415,14 +501,15 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
         }
         arrays = {"val_probabilities": p_val}
         if epoch + 1 == cfg.epochs and cfg.evaluate_test:
-            arrays["test_probabilities"] = predict_distributed(model, images, data["test"], norm, device, rank,
+            arrays["test_probabilities"] = predict_distributed(scored, images, data["test"], norm, device, rank,
                                                                size, cuda)
         report["epoch_time_s"] = time.perf_counter() - start  # training and validation
         report["finished_at"] = time.time()
         checkpoint = None
         if rank == 0:
-            checkpoint = record_epoch(run_dir, report, model, optimizer, scheduler, cfg, norm, arrays,
-                                      keep_checkpoints)
+            train_state = {"model": model.state_dict(), "ema_updates": ema.updates} if ema else {}
+            checkpoint = record_epoch(run_dir, report, scored, optimizer, scheduler, cfg, norm, arrays,
+                                      keep_checkpoints, train_state)
             report["checkpoint_path"] = checkpoint
             # The process's own log (the dashboard's Actors view), not the console: the driver prints that.
             print(f"[{world.label}] epoch {epoch + 1}/{cfg.epochs}  train_loss {report['train_loss']:.4f}  "

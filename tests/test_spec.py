@@ -90,7 +90,8 @@ ERRORS = {
     "string for unmatched": ({"unmatched": "yes"}, [r"\bunmatched\b"]),
     "string for a fixed float": ({"fixed.lr": "0.1"}, [r"fixed\.lr\b"]),
     "float for a fixed int": ({"fixed.batch_size": 32.5}, [r"fixed\.batch_size\b"]),
-    "string for a fixed bool": ({"fixed.augment": "yes"}, [r"fixed\.augment\b"]),
+    "bool for a fixed choice": ({"fixed.augment": True}, [r"fixed\.augment\b"]),
+    "unknown augmentation": ({"fixed.augment": "heavy"}, [r"\baugment\b", r"none, mild, strong"]),
     "section not a mapping": ({"budget": [4, 4]}, [r"\bbudget\b"]),
     "final.seeds not integers": ({"final": {"seeds": [0, 1.5]}}, [r"final\.seeds\b"]),
     # impossible budgets

@@ -94,7 +94,7 @@ def test_crashed_worker_is_restarted_from_the_last_checkpoint(prepared, local_ra
     log = tmp_path / "crash" / "metrics.csv"
     box = {}
     thread = threading.Thread(target=lambda: box.update(result=training.fit(
-        train_config(epochs=6, augment=False), ref, name="crash", storage_path=str(tmp_path), workers=1,
+        train_config(epochs=6, augment="none"), ref, name="crash", storage_path=str(tmp_path), workers=1,
         max_failures=2)))
     thread.start()
     deadline = time.time() + 180
