@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import imaging, synthetic
+from . import imaging, metrics, synthetic
 from .errors import CxrError
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -506,6 +506,13 @@ def data_report(source: Source, cache: Cache | None = None, errors: pd.DataFrame
         report["original_size_px"] = {
             k: {q: int(v) for q, v in zip(("min", "p50", "max"), sizes[k].quantile([0, 0.5, 1]))} for k in sizes
         }
+        shaped = items[items["width"] > 0]
+        aspect = (shaped["width"] / shaped["height"]).to_numpy()
+        if len(set(aspect)) > 1 and shaped["label"].nunique() == 2:
+            # How well the film's shape alone tells the classes apart: a cue a model will learn
+            report["aspect_ratio"] = {
+                "median_by_class": {CLASSES[y]: round(float(np.median(aspect[shaped["label"] == y])), 3) for y in (0, 1)},
+                "auroc": round(metrics.auroc(shaped["label"].to_numpy(), aspect), 3)}
     # leakage between the source's own splits
     leaks = {}
     for key in ("patient", "sha1"):
@@ -547,6 +554,13 @@ def format_report(report: dict) -> str:
         sz = report["original_size_px"]
         lines.append("size px    " + "  ".join(f"{k} {v['min']}/{v['p50']}/{v['max']} (min/median/max)"
                                                for k, v in sz.items()))
+    if "aspect_ratio" in report:
+        ar = report["aspect_ratio"]
+        lines.append("aspect     width/height median " + ", ".join(f"{c} {v:.2f}" for c, v in ar["median_by_class"].items())
+                     + f"; alone it separates the classes with AUROC {ar['auroc']:.3f}")
+        if abs(ar["auroc"] - 0.5) > 0.15:
+            lines.append("           a shortcut a model learns when the films are squashed to a square: hide it "
+                         "(augment: strong jitters each film's width/height ratio)")
     for key, leak in report["leakage_in_source_splits"].items():
         lines.append(f"leakage    {leak['count']} {key} value(s) in more than one source split"
                      + (f", e.g. {', '.join(map(str, leak['examples']))}" if leak["count"] else ""))

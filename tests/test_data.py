@@ -515,3 +515,18 @@ def test_prepare_writes_split_and_report(make_kaggle_tree, tmp_path):
     i = int(prepared.rows["test"][0])
     raw = tree.path(prepared.cache.index["item"].iat[i]).read_bytes()
     np.testing.assert_array_equal(prepared.cache.images[i], imaging.decode(raw, SIZE))  # pool decode
+
+
+def test_data_check_shows_the_film_shape_shortcut_of_the_kaggle_train_split(shared_data, tmp_path):
+    """On the original-resolution Kaggle images, how wide a film is tells its class; the data report
+    says so, since the shared 224 px files squash that shape into the image a model sees."""
+    prepared = data.prepare("kaggle", str(shared_data / "chest_xray_original_sample"), SIZE, None,
+                            cache_root=tmp_path, progress=False)
+    ar = prepared.report["aspect_ratio"]
+    assert ar["median_by_class"]["PNEUMONIA"] > ar["median_by_class"]["NORMAL"] and ar["auroc"] > 0.75
+    assert "a shortcut a model learns" in data.format_report(prepared.report)
+
+
+def test_no_shape_cue_without_varying_shapes(kaggle_tree, tmp_path):
+    prepared = data.prepare("kaggle", str(kaggle_tree.root), SIZE, None, cache_root=tmp_path, progress=False)
+    assert "aspect_ratio" not in prepared.report  # every file 48 x 40: nothing to learn from the shape
