@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 from ray import tune
 
 from . import storage
@@ -42,8 +44,9 @@ class StudyProgress(tune.Callback):
         self.phase, self.plans = phase, plans
         self.metric, self.sign = spec.selection.metric, 1 if spec.selection.mode == "max" else -1
         self.width = max(len(p["arm"]) for p in plans.values()) + len("-c00-s0")
+        self.slots = spec.resources.max_concurrent_trials
         self.start = time.time()
-        self.epochs_seen = 0
+        self.epoch_seconds: dict[str, list[float]] = {}  # arm -> seconds of each epoch heard
         self.best: dict[str, float] = {}
         self.last_epoch: dict[str, int] = {}  # trial id -> last epoch heard
         self.ended: dict[str, str] = {}  # trial id -> completed / stopped / failed
@@ -63,7 +66,7 @@ class StudyProgress(tune.Callback):
             return
         epochs = self._planned_epochs(trial)
         print(epoch_line(self._name(trial), result, epochs, self.width), flush=True)
-        self.epochs_seen += 1
+        self.epoch_seconds.setdefault(trial.config["arm"], []).append(result.get("epoch_time_s", 0.0))
         self.last_epoch[trial.trial_id] = int(result["epoch"])
         value = result.get(self.metric)
         arm = trial.config["arm"]
@@ -91,9 +94,12 @@ class StudyProgress(tune.Callback):
         failed = f", {ended.count('failed')} failed" if "failed" in ended else ""
         best = f"; best {self.metric} {self.best[arm]:.4f}" if arm in self.best else ""
         elapsed = time.time() - self.start
+        heard = [x for xs in self.epoch_seconds.values() for x in xs]
+        # an upper bound: every unfinished trial runs all its epochs, at its arm's pace so far
         left = sum(max(0, self._planned_epochs(t) - self.last_epoch.get(t.trial_id, 0))
-                   for t in trials if t.trial_id not in self.ended)
-        eta = f"; at most ~{clock(left * elapsed / self.epochs_seen)} left" if self.epochs_seen and left else ""
+                   * np.mean(self.epoch_seconds.get(t.config["arm"], heard))
+                   for t in trials if t.trial_id not in self.ended) / self.slots if heard else 0
+        eta = f"; at most ~{clock(left)} left" if left else ""
         print(f"[{self.phase} {clock(elapsed)}] {arm}: {ended.count('completed')} completed, "
               f"{ended.count('stopped')} stopped early{failed}, {running} running, of {len(mine)}{best}{eta}",
               flush=True)
