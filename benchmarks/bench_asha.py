@@ -18,6 +18,7 @@ import time
 import ray
 
 from cxr_ray import runtime, spec as specs, storage, study
+from machine import machine
 
 # One arm, 9 configurations, 9 epochs, reduction factor 3: rungs at epochs 1 and 3. Epochs are
 # long enough (resnet10t, 48 px, ~1000 training images) that training, not Ray's per-trial
@@ -66,9 +67,9 @@ def main() -> None:
         runtime.connect(quiet=True)
         ref = runtime.put_data(prepared)
         b = asha.budget
-        print(f"bench_asha: {len(asha.arm_names)} arm(s) x {b['samples_per_arm']} configurations, "
-              f"max {b['max_epochs']} epochs, grace {b['grace_period']}, reduction factor {b['reduction_factor']}, "
-              f"{asha.resources['max_concurrent_trials']} concurrent trials", flush=True)
+        print(f"bench_asha: {len(asha.arm_names)} arm(s) x {b.samples_per_arm} configurations, "
+              f"max {b.max_epochs} epochs, grace {b.grace_period}, reduction factor {b.reduction_factor}, "
+              f"{asha.resources.max_concurrent_trials} concurrent trials; {machine()}", flush=True)
         results = {"ASHA": search(asha, root, ref, prepared), "full budget": search(full, root, ref, prepared)}
         ray.shutdown()
     print()
@@ -80,6 +81,7 @@ def main() -> None:
     print(f"wall-time ratio ASHA / full budget      {a['wall'] / f['wall']:.3f}   (target <= 0.4)")
     print(f"epoch ratio ASHA / full budget          {a['epochs'] / f['epochs']:.3f}")
     print(f"best val AUROC difference (full - ASHA) {f['best_final'] - a['best_final']:+.4f}   (target within 0.01)")
+    print(f"end: {machine()}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 from ray import tune
 
 from . import storage
-from .status import trial_label
+from .status import plan_key, trial_label
 
 
 def epoch_line(name: str, m: dict, epochs: int | None = None, width: int = 24) -> str:
@@ -48,18 +48,14 @@ class StudyProgress(tune.Callback):
         self.start = time.time()
         self.epoch_seconds: dict[str, list[float]] = {}  # arm -> seconds of each epoch heard
         self.best: dict[str, float] = {}
-        self.last_epoch: dict[str, int] = {}  # trial id -> last epoch heard
-        self.ended: dict[str, str] = {}  # trial id -> completed / stopped / failed
-
-    def _plan(self, trial) -> dict:
-        c = trial.config
-        return self.plans[f"{c['arm']}/{c.get('config_id', 'best')}/{c['seed']}"]
+        self.last_epoch: dict[str, int] = {}  # plan key -> last epoch heard
+        self.ended: dict[str, str] = {}  # plan key -> completed / stopped / failed
 
     def _name(self, trial) -> str:
         return f"{trial_label(trial.config):<{self.width}}"
 
     def _planned_epochs(self, trial) -> int:
-        return self._plan(trial)["train"]["epochs"]
+        return self.plans[plan_key(trial.config)]["train"]["epochs"]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "epoch" not in result or replayed(result):
@@ -67,38 +63,40 @@ class StudyProgress(tune.Callback):
         epochs = self._planned_epochs(trial)
         print(epoch_line(self._name(trial), result, epochs, self.width), flush=True)
         self.epoch_seconds.setdefault(trial.config["arm"], []).append(result.get("epoch_time_s", 0.0))
-        self.last_epoch[trial.trial_id] = int(result["epoch"])
+        self.last_epoch[plan_key(trial.config)] = int(result["epoch"])
         value = result.get(self.metric)
         arm = trial.config["arm"]
         if value is not None and (arm not in self.best or self.sign * value > self.sign * self.best[arm]):
             self.best[arm] = value
         if result.get("done") and result["epoch"] < epochs:
-            self.ended[trial.trial_id] = "stopped"
+            self.ended[plan_key(trial.config)] = "stopped"
             print(f"{self._name(trial)}  stopped by ASHA at epoch {result['epoch']} ({self.metric} {value:.4f} "
                   f"below its arm's rung)", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.ended.setdefault(trial.trial_id, "completed")
+        self.ended.setdefault(plan_key(trial.config), "completed")
         self._arm_line(trials, trial.config["arm"])
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.ended[trial.trial_id] = "failed"
+        self.ended[plan_key(trial.config)] = "failed"
         where = trial.path or trial.local_path or "the Tune experiment directory"
         print(f"{self._name(trial)}  FAILED; details in {where}/error.txt", file=sys.stderr, flush=True)
         self._arm_line(trials, trial.config["arm"])
 
     def _arm_line(self, trials, arm: str) -> None:
-        mine = [t for t in trials if t.config["arm"] == arm]
-        ended = [self.ended.get(t.trial_id) for t in mine]
-        running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in mine)
+        """Counts over the arm's planned trials, including those Tune has not created yet."""
+        mine = [key for key, plan in self.plans.items() if plan["arm"] == arm]
+        ended = [self.ended.get(key) for key in mine]
+        running = sum(t.config["arm"] == arm and t.status == "RUNNING" and plan_key(t.config) not in self.ended
+                      for t in trials)
         failed = f", {ended.count('failed')} failed" if "failed" in ended else ""
         best = f"; best {self.metric} {self.best[arm]:.4f}" if arm in self.best else ""
         elapsed = time.time() - self.start
         heard = [x for xs in self.epoch_seconds.values() for x in xs]
-        # an upper bound: every unfinished trial runs all its epochs, at its arm's pace so far
-        left = sum(max(0, self._planned_epochs(t) - self.last_epoch.get(t.trial_id, 0))
-                   * np.mean(self.epoch_seconds.get(t.config["arm"], heard))
-                   for t in trials if t.trial_id not in self.ended) / self.slots if heard else 0
+        # an upper bound: every unfinished planned trial runs all its epochs, at its arm's pace so far
+        left = sum(max(0, plan["train"]["epochs"] - self.last_epoch.get(key, 0))
+                   * np.mean(self.epoch_seconds.get(plan["arm"], heard))
+                   for key, plan in self.plans.items() if key not in self.ended) / self.slots if heard else 0
         eta = f"; at most ~{clock(left)} left" if left else ""
         print(f"[{self.phase} {clock(elapsed)}] {arm}: {ended.count('completed')} completed, "
               f"{ended.count('stopped')} stopped early{failed}, {running} running, of {len(mine)}{best}{eta}",

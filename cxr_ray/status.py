@@ -14,6 +14,11 @@ from . import spec as specs, storage
 SEARCH, FINAL = "search", "final"
 
 
+def plan_key(config: dict) -> str:
+    """The key of a trial's plan (what it trains) from its Tune config: arm/configuration/seed."""
+    return f"{config['arm']}/{config.get('config_id', 'best')}/{config['seed']}"
+
+
 def trial_label(config: dict) -> str:
     """A trial's name from its Tune config: ``resnet10t-c1-s0`` for a search trial (arm,
     configuration, seed), ``resnet10t-s2`` for a final run (arm, seed)."""

@@ -26,7 +26,7 @@ from . import console, data, evaluation, external, models, runtime, spec as spec
 from .config import TrainConfig
 from .errors import CxrError
 from .scheduler import PerArmASHA
-from .status import FINAL, SEARCH, asha_stops, trial_id_of, trial_label
+from .status import FINAL, SEARCH, asha_stops, plan_key, trial_id_of, trial_label
 
 class StudyError(CxrError, RuntimeError):
     """A study cannot start or continue; the message says why and what to run."""
@@ -38,7 +38,7 @@ def run_trial(config: dict, data_ref: list, plans: dict, settings: dict) -> None
     """Tune function trainable: one run of the training loop, whose per-epoch reports reach Tune
     (and ASHA). Engine ``tune`` runs the loop right here, in the trial's process (reused from trial
     to trial); engine ``train`` launches a Ray Train run (DDP over its workers) and forwards its reports."""
-    cfg = TrainConfig.from_dict(plans[_plan_key(config)]["train"])
+    cfg = TrainConfig.from_dict(plans[plan_key(config)]["train"])
     trial_id = tune.get_context().get_trial_id()
     if settings["engine"] == "tune":
         training.run_in_trial(cfg, data_ref[0], storage.join(settings["runs"], trial_id))
@@ -48,10 +48,6 @@ def run_trial(config: dict, data_ref: list, plans: dict, settings: dict) -> None
                  use_gpu=settings["gpus"] > 0, cpus_per_worker=settings["cpus"], gpus_per_worker=settings["gpus"],
                  max_failures=settings["max_failures"], custom_resources=settings["custom"],
                  callbacks=[TuneReportCallback()])
-
-
-def _plan_key(config: dict) -> str:
-    return f"{config['arm']}/{config.get('config_id', 'best')}/{config['seed']}"
 
 
 def _trial_name(trial) -> str:
@@ -110,7 +106,7 @@ def search_plans(spec: specs.Spec, configs: list[dict]) -> dict[str, dict]:
     for cid, sample in enumerate(configs):
         for arm in spec.arm_names:
             cfg = specs.trial_config(spec, arm, sample, seed=spec.seed)
-            plans[_plan_key({"arm": arm, "config_id": cid, "seed": spec.seed})] = {
+            plans[plan_key({"arm": arm, "config_id": cid, "seed": spec.seed})] = {
                 "arm": arm, "config_id": cid, "seed": spec.seed, "params": sample, "train": dataclasses.asdict(cfg)}
     return plans
 
@@ -123,7 +119,7 @@ def final_plans(spec: specs.Spec, best: dict[str, dict]) -> dict[str, dict]:
             b = best[arm]
             cfg = specs.trial_config(spec, arm, b["params"], seed=seed, evaluate_test=True,
                                      epochs=spec.final_epochs_for(arm))
-            plans[_plan_key({"arm": arm, "seed": seed})] = {
+            plans[plan_key({"arm": arm, "seed": seed})] = {
                 "arm": arm, "config_id": b["config_id"], "seed": seed, "params": b["params"],
                 "train": dataclasses.asdict(cfg)}
     return plans
@@ -140,7 +136,7 @@ def collect_trials(result_grid, sdir: str, phase: str, plans: dict) -> pd.DataFr
     """
     rows = []
     for result in result_grid:
-        t = plans[_plan_key(result.config)]
+        t = plans[plan_key(result.config)]
         trial_id = trial_id_of(os.path.basename(result.path))
         identity = {"phase": phase, "trial_id": trial_id, "arm": t["arm"], "config_id": t["config_id"],
                     "seed": t["seed"], "status": "error" if result.error else "ok",

@@ -23,7 +23,7 @@ def test_epoch_lines_stops_and_an_arm_line_with_an_upper_bound_on_time_left(caps
                            "resources": {"max_concurrent_trials": 2}}, "c.yaml")
     plans = study.search_plans(spec, specs.sample_configs(spec))
     progress = console.StudyProgress(spec, "search", plans)
-    trials = [trial("a", "fast", 0), trial("b", "fast", 1), trial("c", "slow", 0), trial("d", "slow", 1, "PENDING")]
+    trials = [trial("a", "fast", 0), trial("b", "fast", 1), trial("c", "slow", 0)]  # slow-c1: not created yet
     progress.on_trial_result(0, trials, trials[0], result(1, 0.80, 10.0))
     progress.on_trial_result(0, trials, trials[2], result(1, 0.70, 30.0))
     progress.on_trial_result(0, trials, trials[1], result(1, 0.60, 10.0, done=True))  # ASHA stops it early
