@@ -776,7 +776,7 @@ class CXRServer:
         self.batch_sizes: Counter = Counter()
         from swagger_ui_bundle import swagger_ui_path
         self.docs_assets = {name: (swagger_ui_path / name).read_bytes() for name in DOCS_ASSETS}
-        log.info("serving %s from %s", choice.identity, choice.study_dir or choice.checkpoint)
+        log.info("serving %s from %s", choice.identity, choice.study_dir or ", ".join(choice.checkpoints))
 
     async def __del__(self):
         await self.decoders.close()

@@ -93,7 +93,7 @@ def study(tmp_path_factory) -> Path:
     ckpt = root / "runs" / "t0" / "checkpoint_0"
     ckpt.mkdir(parents=True)
     models.save_checkpoint(ckpt, model, opt, sched, 1, cfg, models.normalization(cfg.backbone),
-                           {"threshold": 0.5, "val_auroc": 0.9})
+                           {"threshold": 0.4, "val_auroc": 0.9})  # the run's own; the study's final.csv says 0.5
     relative = "runs/t0/checkpoint_0"
     metrics = {m: 0.9 for m in cxr_metrics.REPORTED}
     (root / "best.json").write_text(json.dumps({"arm": "lcnet_050", "seed": 0, "checkpoint": relative,
@@ -127,8 +127,8 @@ def served(study):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(serving.build(str(study), max_batch_size=8, batch_wait_ms=20, max_upload_mb=LIMIT_MB),
               name="cxr-test", route_prefix="/")
-    serve.run(serving.build(str(study), max_batch_size=2, batch_wait_ms=1, max_upload_mb=LIMIT_MB, **STRICT),
-              name="cxr-strict", route_prefix="/strict")
+    serve.run(serving.build(checkpoint=str(study / "runs/t0/checkpoint_0"), max_batch_size=2, batch_wait_ms=1,
+                            max_upload_mb=LIMIT_MB, **STRICT), name="cxr-strict", route_prefix="/strict")
     base = f"http://127.0.0.1:{port}"
     yield Served(base, base + "/strict", port)
     serve.shutdown()
@@ -194,6 +194,13 @@ def test_served_probability_equals_offline_evaluation(server, study):
         assert raw["model"]["study"] == "served" and raw["model"]["checkpoint"] == "runs/t0/checkpoint_0"
         probs.append(expected)
     assert np.ptp(probs) > 0.01  # distinct values, so equality means something
+
+
+def test_a_bare_checkpoint_is_served_at_its_own_threshold(served, study):
+    """``cxr-ray serve --checkpoint DIR`` (the strict app): the run's validation threshold, no paths."""
+    model = requests.get(f"{served.strict}/v1/model", timeout=30).json()
+    assert model["threshold"] == pytest.approx(0.4) and model["model"]["checkpoint"] == "checkpoint_0"
+    assert str(study) not in json.dumps(model)
 
 
 def test_16_bit_png_and_dicom_are_handled(server):
