@@ -73,14 +73,16 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, quiet: boo
 
 
 def send_ray_logs_to(path: str) -> None:
-    """Ray's driver-side messages go to ``path``; only its errors still reach the console."""
+    """Ray's driver-side messages go to ``path``; only its errors still reach the console.
+    ("ray.serve" has its own console handler and does not pass records up to "ray".)"""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    logger = logging.getLogger("ray")
-    for handler in logger.handlers:
-        handler.setLevel(logging.ERROR)
     to_file = logging.FileHandler(path)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(to_file)
+    for logger in (logging.getLogger("ray"), logging.getLogger("ray.serve")):
+        for handler in logger.handlers:
+            handler.setLevel(logging.ERROR)
+        if logger.name == "ray" or not logger.propagate:
+            logger.addHandler(to_file)
 
 
 def put_data(prepared: Prepared) -> ray.ObjectRef:

@@ -24,6 +24,8 @@ import json
 import logging
 import math
 import os
+import signal
+import socket
 import struct
 import sys
 import time
@@ -951,8 +953,10 @@ def build(study_dir: str | None = None, arm: str | None = None, checkpoint: str 
 
 
 def serve_blocking(args) -> None:
-    """``cxr-ray serve``: start Serve on host:port and block until interrupted."""
+    """``cxr-ray serve``: start Serve on host:port and block until Ctrl-C or SIGTERM."""
     from . import runtime
+    if not os.environ.get("RAY_ADDRESS"):
+        port_is_free(args.host, args.port)
     if args.host not in LOCAL_HOSTS:
         print(f"WARNING: binding {args.host}: the API has no authentication; anyone who can reach this address "
               "can send images to the model. Put it behind an authenticating proxy, and name the host clients "
@@ -962,11 +966,29 @@ def serve_blocking(args) -> None:
                 upload_timeout_s=args.upload_timeout_s, decode_timeout_s=args.decode_timeout_s,
                 allowed_hosts=args.allowed_host, allow_origins=args.allow_origin, host=args.host)
     runtime.connect()
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name="cxr-ray", route_prefix="/")
-    print(f"serving on http://{args.host}:{args.port}/  (API docs at /docs; Ctrl-C to stop)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `docker stop`, systemd: the same clean stop as Ctrl-C
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="cxr-ray", route_prefix="/")
+        print(f"serving on http://{args.host}:{args.port}/  (API docs at /docs; Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        print("stopped", flush=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def port_is_free(host: str, port: int) -> None:
+    """Serve's proxy on a port that another server holds fails quietly in Ray (requests would reach
+    the other server): refuse to start instead, naming the port."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ServingError(f"cannot serve on {host}:{port}: {e.strerror}; stop what holds the port or choose "
+                               "another with --port") from None

@@ -548,7 +548,7 @@ def test_dependency_floors_exclude_known_vulnerable_versions():
 
 # ----------------------------------------------------------------------------- entry points
 
-def test_cli_serve_command_binds_localhost(study, study_env):
+def test_cli_serve_command_binds_localhost_and_stops_cleanly_on_sigterm(study, study_env):
     port = str(runtime.free_port())
     proc = subprocess.Popen(CLI + ["serve", str(study), "--port", port], env=study_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -562,8 +562,23 @@ def test_cli_serve_command_binds_localhost(study, study_env):
         assert ok, "cxr-ray serve never answered /healthz"
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+        proc.terminate()  # SIGTERM, as `kill`, `docker stop` or systemd send it
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.rstrip().endswith("stopped") and "SIGTERM received" not in out, out
     finally:
         kill_session(proc.pid)
+
+
+def test_cli_serve_refuses_a_port_another_server_holds(study, study_env):
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        done = subprocess.run(CLI + ["serve", str(study), "--port", str(port)], env=study_env, capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 2 and not done.stdout, done.stdout
+    assert done.stderr.strip() == (f"error: cannot serve on 127.0.0.1:{port}: Address already in use; stop what "
+                                   "holds the port or choose another with --port"), done.stderr
 
 
 def test_serve_app_builder_takes_serve_run_arguments(study):
