@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 
 class MetricError(ValueError):
@@ -32,11 +31,21 @@ def _need_both_classes(y: np.ndarray, what: str) -> tuple[int, int]:
     return n_pos, n_neg
 
 
+def midranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their mean rank (as scipy.stats.rankdata; scipy.stats costs every
+    training process 0.4 s of import, and AUROC runs in every epoch)."""
+    order = np.argsort(x, kind="mergesort")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return ranks
+
+
 def auroc(y, p) -> float:
     """Probability that a random positive scores above a random negative (ties count 1/2)."""
     y, p = _arrays(y, p)
     n_pos, n_neg = _need_both_classes(y, "AUROC")
-    ranks = stats.rankdata(p)  # mid-ranks for ties
+    ranks = midranks(p)
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -230,14 +239,15 @@ def paired_bootstrap(statistic, arrays_a: list[np.ndarray], arrays_b: list[np.nd
 
 def delong(y, p_a, p_b) -> dict[str, float]:
     """DeLong's test for two correlated AUROCs on the same images (fast midrank form)."""
+    from scipy import stats
     y, p_a = _arrays(y, p_a)
     _, p_b = _arrays(y, p_b)
     n_pos, n_neg = _need_both_classes(y, "DeLong's test")
     aucs, v10, v01 = [], [], []
     for p in (p_a, p_b):
         pos, neg = p[y == 1], p[y == 0]
-        r_all = stats.rankdata(np.r_[pos, neg])
-        r_pos, r_neg = stats.rankdata(pos), stats.rankdata(neg)
+        r_all = midranks(np.r_[pos, neg])
+        r_pos, r_neg = midranks(pos), midranks(neg)
         aucs.append((r_all[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
         v10.append((r_all[:n_pos] - r_pos) / n_neg)  # structural components of positives
         v01.append(1 - (r_all[n_pos:] - r_neg) / n_pos)  # ... of negatives
@@ -255,6 +265,7 @@ def delong(y, p_a, p_b) -> dict[str, float]:
 
 def mcnemar(correct_a, correct_b) -> dict[str, float]:
     """McNemar's test on paired correctness; exact binomial when discordant pairs < 25."""
+    from scipy import stats
     a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     n = only_a + only_b

@@ -324,3 +324,9 @@ def test_platt_refuses_scores_that_do_not_rank_the_classes():
         metrics.fit_platt([1, 1, 1, 0, 0, 0], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
     with pytest.raises(metrics.MetricError, match="unknown threshold policy"):
         metrics.operating_point("f1", Y8, P8)
+
+
+def test_midranks_share_the_mean_rank_of_ties():
+    assert metrics.midranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])).tolist() == [4.0, 1.0, 4.0, 2.0, 4.0]
+    assert metrics.midranks(np.array([0.2, 0.2])).tolist() == [1.5, 1.5]
+    assert metrics.midranks(np.array([0.9])).tolist() == [1.0]
