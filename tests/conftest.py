@@ -201,15 +201,24 @@ CLI = [str(REPO_ROOT / ".venv" / "bin" / "cxr-ray")] if (REPO_ROOT / ".venv" / "
     else ["cxr-ray"]
 
 
-def dashboard_get(url: str, path: str, **params):
-    """GET from a Ray dashboard's HTTP API with the cluster's token (Ray 2.60 keeps token auth on)."""
+def dashboard_get(url: str, path: str, patience: float = 30, **params):
+    """GET from a Ray dashboard's HTTP API with the cluster's token (Ray 2.60 keeps token auth on).
+
+    A 5xx is asked again for up to ``patience`` seconds: the log API looks files up through each
+    node's agent, and on a loaded machine that lookup can time out (seen once in CI) before it works."""
     import os
+    import time
 
     import requests
     token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
-    response = requests.get(url.rstrip("/") + path, params=params, timeout=30,
-                            headers={"Authorization": f"Bearer {token}"})
-    response.raise_for_status()
+    deadline = time.time() + patience
+    while True:
+        response = requests.get(url.rstrip("/") + path, params=params, timeout=30,
+                                headers={"Authorization": f"Bearer {token}"})
+        if response.status_code < 500 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert response.ok, f"{response.status_code} from {response.url}: {response.text[:500]}"
     return response
 
 
