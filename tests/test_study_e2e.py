@@ -58,6 +58,17 @@ def stops(study: Path) -> dict:
     return json.loads(path.read_text())["stopped"] if path.exists() else {}
 
 
+def passed_its_rung(study: Path, trial_id: str, epoch: int) -> bool:
+    """ASHA has judged the trial at this epoch's rung and let it go on (both are one write of
+    asha_state.json), so it is part-way through its epochs, not about to be stopped."""
+    try:
+        state = json.loads((study / "asha_state.json").read_text())
+    except (OSError, ValueError):
+        return False  # not written yet, or being written
+    return trial_id not in state["stopped"] and any(trial_id in rungs.get(str(epoch), {})
+                                                    for rungs in state["rungs"].values())
+
+
 def run_killed_and_resumed(root: Path, env: dict, engine: str):
     spec, study = root / "tiny.yaml", root / "tiny"
     spec.write_text(with_engine(TINY_SPEC, engine))
@@ -65,12 +76,13 @@ def run_killed_and_resumed(root: Path, env: dict, engine: str):
     driver = subprocess.Popen(CLI + ["study", "run", str(spec), "--out", str(study), "--no-report"], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # Kill once a trial has finished and another is part-way through its epochs.
+        # Kill once a trial has finished and another is part-way through its epochs (past a rung,
+        # not stopped there: a trial that ASHA stopped also ends below epoch 3).
         deadline = time.time() + 420
         while time.time() < deadline:
-            results = trial_results(study)
-            epochs = [rows[-1]["epoch"] for rows in results.values() if rows]
-            if any(e >= 3 for e in epochs) and any(e < 3 for e in epochs) and driver.poll() is None:
+            last = {name: rows[-1]["epoch"] for name, rows in trial_results(study).items() if rows}
+            if (any(e >= 3 for e in last.values()) and driver.poll() is None
+                    and any(e < 3 and passed_its_rung(study, name, e) for name, e in last.items())):
                 break
             assert driver.poll() is None, (root / "run.log").read_text()[-3000:]
             time.sleep(0.05)
