@@ -98,11 +98,10 @@ def _labelled_set(args, name: str):
                     args.synthetic_shift)
 
 
-def _study_spec(sdir: str):
+def _study_spec(study_dir: str):
     from . import spec as specs, storage
-    sdir = storage.normalize(sdir)
-    if not storage.exists(storage.join(sdir, "best.json")):
-        raise specs.SpecError(f"{sdir}: no best.json; is the study finished? (cxr-ray study status {sdir})")
+    from .status import finished_study
+    sdir = finished_study(study_dir)
     return sdir, specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
 
 
@@ -118,10 +117,11 @@ def cmd_evaluate(args) -> None:
 
 def cmd_calibrate(args) -> None:
     from . import external
-    sdir, _ = _study_spec(args.dir)
-    profile = external.calibrate_site(sdir, args.name, _labelled_set(args, args.name), args.policy, args.target)
+    sdir, spec = _study_spec(args.dir)
+    profile = external.calibrate_site(spec, sdir, args.name, _labelled_set(args, args.name), args.policy, args.target)
     m = profile["model"]
-    print(f"site {args.name}: {profile['images']} images ({profile['classes']}); policy {args.policy}"
+    classes = ", ".join(f"{n} {c}" for c, n in profile["classes"].items())
+    print(f"site {args.name}: {profile['images']} images ({classes}); policy {args.policy}"
           f"{f' {args.target}' if args.target else ''}: threshold {m['threshold']:.4f}"
           f"{' on Platt-calibrated probabilities' if m['platt'] else ''}; on this sample sensitivity "
           f"{m['on_sample']['sensitivity']:.3f}, specificity {m['on_sample']['specificity']:.3f}")

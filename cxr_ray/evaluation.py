@@ -50,7 +50,7 @@ class Run:
 
     def served(self, p: np.ndarray) -> np.ndarray:
         """The probability a user is shown: calibrated if the operating point calibrates."""
-        return metrics.apply_platt(p, self.platt) if self.platt else np.asarray(p, dtype=float)
+        return metrics.apply_platt(p, self.platt)
 
 
 def choose_point(policy: str, target: float | None, y_val: np.ndarray, p_val: np.ndarray) -> tuple[float, tuple | None]:
@@ -123,9 +123,13 @@ def score(spec: Spec, y: np.ndarray, patients: np.ndarray, runs: dict[tuple[str,
     ``versus`` (default: the set's own best arm), each run at its validation-chosen point."""
     n_boot, seed = spec.final.bootstrap, spec.seed
     served = {k: runs[k].served(p) for k, p in probs.items()}
-    per_run = pd.DataFrame([{"arm": a, "seed": s, "threshold": runs[(a, s)].threshold,
-                             "val_auroc": runs[(a, s)].val_auroc, **metrics.summary(y, served[(a, s)], runs[(a, s)].threshold),
-                             "checkpoint": runs[(a, s)].checkpoints[0]} for (a, s) in sorted(served)])
+    rows = []
+    for a, s in sorted(served):
+        r = runs[(a, s)]
+        rows.append({"arm": a, "seed": s, "threshold": r.threshold, "val_auroc": r.val_auroc,
+                     **metrics.summary(y, served[(a, s)], r.threshold), "checkpoint": r.checkpoints[0],
+                     "platt_a": r.platt[0] if r.platt else None, "platt_b": r.platt[1] if r.platt else None})
+    per_run = pd.DataFrame(rows)
     arms = [a for a in spec.arm_names if a in set(per_run["arm"])]
     stacked = {a: (np.stack([served[k] for k in sorted(served) if k[0] == a]),
                    np.array([runs[k].threshold for k in sorted(served) if k[0] == a])) for a in arms}
@@ -214,9 +218,6 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
                               f"trials' error.txt under final/")
     tables = score(spec, y, patients, runs, {k: r.test for k, r in runs.items()})
     summary, comparison, per_run = tables["summary"], tables["comparison"], tables["per_run"]
-    per_run = per_run.merge(pd.DataFrame([{"arm": r.arm, "seed": r.seed, "platt_a": (r.platt or (None, None))[0],
-                                           "platt_b": (r.platt or (None, None))[1]} for r in runs.values()]),
-                            on=["arm", "seed"])
     ens = ensembles(spec, runs, y_val)
     best_arm = summary.iloc[0]["arm"]
     chosen = runs[tuple(per_run[per_run.arm == best_arm].sort_values("val_auroc", ascending=False, kind="stable")

@@ -68,31 +68,29 @@ def evaluate_set(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: s
     return evaluation.evaluate_external(spec, sdir, ext.name, flagged, probs, summary)
 
 
-def calibrate_site(sdir: str, name: str, ext: specs.External, policy: str, target: float | None,
+def calibrate_site(spec: specs.Spec, sdir: str, name: str, ext: specs.External, policy: str, target: float | None,
                    cache_root: str | None = None) -> dict:
     """Fit the served model's operating point on a labelled sample of a deployment site and store it
     as the profile ``sites/<name>.json`` (nothing is retrained). The sample must not be the one used
     to report results at that site: it chose the threshold."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise ExternalError(f"site name must be a word of letters, digits, - and _ (got {name!r})")
-    spec = specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
     best = storage.read_json(storage.join(sdir, "best.json"))
     cache = load_set(ext, spec.data.image_size, cache_root)
     y = cache.index["label"].to_numpy()
     if len(set(y)) < 2:
         raise ExternalError(f"site sample {ext.path}: {len(y)} images of a single class; the threshold needs both")
-    members = {"model": best["checkpoint"]} | {f"ensemble_{i}": c for i, c in enumerate(best["ensemble"]["checkpoints"])}
-    probs = score_checkpoints(sdir, members, cache.images)
+    ensemble = best["ensemble"]["checkpoints"]  # the served model is one of them: each is scored once
+    probs = score_checkpoints(sdir, {c: c for c in dict.fromkeys([best["checkpoint"], *ensemble])}, cache.images)
     profile = {"name": name, "policy": policy, "target": target, "images": len(y),
                "classes": {"NORMAL": int((y == 0).sum()), "PNEUMONIA": int((y == 1).sum())},
                "sample": {"source": ext.source, "path": ext.path, "split": ext.split}}
-    for model, p in (("model", probs["model"]),
-                     ("ensemble", np.mean([v for k, v in probs.items() if k.startswith("ensemble_")], axis=0))):
+    for model, p in (("model", probs[best["checkpoint"]]), ("ensemble", np.mean([probs[c] for c in ensemble], axis=0))):
         try:
             threshold, platt = evaluation.choose_point(policy, target, y, p)
         except metrics.MetricError as e:
             raise ExternalError(f"site sample {ext.path}: {e}") from None
-        served = metrics.apply_platt(p, platt) if platt else p
-        profile[model] = {"threshold": threshold, "platt": platt, "on_sample": metrics.summary(y, served, threshold)}
+        profile[model] = {"threshold": threshold, "platt": platt,
+                          "on_sample": metrics.summary(y, metrics.apply_platt(p, platt), threshold)}
     storage.write_json(storage.join(sdir, "sites", f"{name}.json"), profile)
     return profile

@@ -124,8 +124,10 @@ def fit_platt(y, p) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def apply_platt(p, ab: tuple[float, float]) -> np.ndarray:
-    return 1 / (1 + np.exp(-(ab[0] * logit(p) + ab[1])))
+def apply_platt(p, ab: tuple[float, float] | None) -> np.ndarray:
+    """Platt-calibrated probabilities; ``ab`` None (an uncalibrated operating point) keeps them as they are."""
+    p = np.asarray(p, dtype=float)
+    return p if ab is None else 1 / (1 + np.exp(-(ab[0] * logit(p) + ab[1])))
 
 
 POLICIES = ("youden", "sensitivity", "specificity", "calibrated")

@@ -88,8 +88,7 @@ def verdict(s: Study) -> list[Block]:
         if ext.verdict:
             text += " " + ext.verdict["verdict"]
     if not s.externals:
-        text += (" No external set has been scored: these figures come from data collected with the training "
-                 "images, and may not transfer (spec key external, or cxr-ray evaluate).")
+        text += " " + no_external_set(s)
     blocks.append(Block("text", text))
     if s.best is None:
         blocks.append(Block("note", f"No model chosen to serve yet: {s.why('best.json')}."))
@@ -115,14 +114,18 @@ def search_progress(s: Study) -> str:
 
 def internal_vs_external(s: Study) -> list[Block]:
     if not s.externals:
-        return [Block("note", "No external set has been scored. A result measured only on data collected with the "
-                              "training images may not transfer: name one in the spec (external:) or run "
-                              f"`cxr-ray evaluate {s.dir} --external NAME=PATH`.")]
+        return [Block("note", no_external_set(s))]
     s.need("summary.csv")
     blocks = []
     for name, ext in s.externals.items():
         blocks += guarded(f"External set {name}", lambda name=name, ext=ext: external_blocks(s, name, ext))
     return blocks
+
+
+def no_external_set(s: Study) -> str:
+    return ("No external set has been scored: these figures come from data collected with the training images, "
+            "and may not transfer. Name one in the spec (external:) or run "
+            f"`cxr-ray evaluate {s.dir} --external NAME=PATH`.")
 
 
 def external_blocks(s: Study, name: str, ext) -> list[Block]:

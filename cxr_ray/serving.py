@@ -52,6 +52,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from . import evaluation, imaging, metrics, models, storage
 from .data import CLASSES
 from .errors import CxrError
+from .status import finished_study
 
 log = logging.getLogger("ray.serve")
 
@@ -129,9 +130,7 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
                            operating_point={"policy": "youden", "chosen_on": "the run's validation split"})
     if not study_dir:
         raise ServingError("give a study directory or --checkpoint")
-    sdir = storage.normalize(study_dir)
-    if not storage.exists(storage.join(sdir, "best.json")):
-        raise FileNotFoundError(f"{sdir}: no best.json; is the study finished? (cxr-ray study status {sdir})")
+    sdir = finished_study(study_dir)
     best = storage.read_json(storage.join(sdir, "best.json"))
     arm = arm or best["arm"]
     final = storage.read_csv(storage.join(sdir, "final.csv"))
@@ -146,8 +145,8 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
         threshold, platt = float(row["threshold"]), _platt(row)
     else:
         threshold, platt = float(members.iloc[0]["threshold"]), _platt(members.iloc[0])
-    spec = storage.read_json(storage.join(sdir, "best.json"))["policy"]
-    point = {"policy": spec["policy"], "target": spec["target"], "chosen_on": "the study's validation split"}
+    point = {"policy": best["policy"]["policy"], "target": best["policy"]["target"],
+             "chosen_on": "the study's validation split"}
     if policy:
         name, target = _policy(policy)
         val = storage.read_csv(storage.join(sdir, "validation_predictions.csv"))
@@ -228,7 +227,7 @@ class Predictor:
         x = models.normalize(torch.from_numpy(np.stack(arrays)).unsqueeze(1).to(self.device), self.norm)
         with torch.no_grad():
             p = torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(0).cpu().numpy()
-        return metrics.apply_platt(p, self.platt).astype(np.float32) if self.platt else p
+        return metrics.apply_platt(p, self.platt).astype(np.float32)
 
     def result(self, probability: float) -> dict:
         label = int(probability >= self.threshold)
@@ -256,9 +255,7 @@ class Predictor:
             probs.append(float(torch.sigmoid(logit).item()))
         cam = torch.stack(cams).mean(0).cpu().numpy()
         cam = cam / cam.max() if cam.max() > 0 else cam
-        p = float(np.mean(probs))
-        p = float(metrics.apply_platt([p], self.platt)[0]) if self.platt else p
-        return overlay_png(array, cam), p
+        return overlay_png(array, cam), float(metrics.apply_platt([np.mean(probs)], self.platt)[0])
 
 
 def overlay_png(gray: np.ndarray, heat: np.ndarray, scale: int = 4) -> bytes:

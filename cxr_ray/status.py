@@ -14,6 +14,14 @@ from . import spec as specs, storage
 SEARCH, FINAL = "search", "final"
 
 
+def finished_study(study_dir: str) -> str:
+    """The study's normalised URI; FileNotFoundError unless its final evaluation wrote best.json."""
+    sdir = storage.normalize(study_dir)
+    if not storage.exists(storage.join(sdir, "best.json")):
+        raise FileNotFoundError(f"{sdir}: no best.json; is the study finished? (cxr-ray study status {sdir})")
+    return sdir
+
+
 def plan_key(config: dict) -> str:
     """The key of a trial's plan (what it trains) from its Tune config: arm/configuration/seed."""
     return f"{config['arm']}/{config.get('config_id', 'best')}/{config['seed']}"
