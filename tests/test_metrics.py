@@ -330,3 +330,9 @@ def test_midranks_share_the_mean_rank_of_ties():
     assert metrics.midranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])).tolist() == [4.0, 1.0, 4.0, 2.0, 4.0]
     assert metrics.midranks(np.array([0.2, 0.2])).tolist() == [1.5, 1.5]
     assert metrics.midranks(np.array([0.9])).tolist() == [1.0]
+
+
+def test_an_uncalibrated_point_serves_the_probabilities_as_they_are():
+    p = [0.02, 0.5, 0.97]
+    assert metrics.apply_platt(p, None).tolist() == p
+    assert metrics.apply_platt(p, (2.0, 0.0)).tolist() != p  # a fitted calibration moves them
