@@ -182,19 +182,27 @@ def kaggle_tree(make_kaggle_tree) -> KaggleTree:
 
 # ----------------------------------------------------------------------------- processes and studies
 
+# ASHA's decisions in the tiny studies must not depend on how well a 32 px model happens to learn in an
+# epoch (CPU float results differ between machines): selection is on validation loss, and seed 25 draws
+# configurations 0 and 2 with sane learning rates and configuration 1 with lr 5, which saturates every
+# output in its first epoch (validation loss above 5 against about 0.7; checked on both backbones).
+# With two trials at a time each arm meets its rungs in configuration order, so configuration 1 is
+# stopped at epoch 1 (below configuration 0) and configuration 2 passes epoch 1 (above the median of
+# those two), whatever the sane ones learned.
 TINY_SPEC = """
 name: tiny
 description: end-to-end test study (synthetic data, not medical)
-seed: 0
+seed: 25
 data: {source: synthetic, image_size: 32, synthetic_images: 300}
 model: {head: linear}
 arms: [lcnet_050, mobilenetv3_small_050]
 search_space:
-  lr: {loguniform: [1e-3, 1e-2]}
+  lr: {choice: [2e-3, 6e-3, 5.0]}
   weight_decay: {loguniform: [1e-5, 1e-3]}
 fixed: {batch_size: 32}
 budget: {samples_per_arm: 3, max_epochs: 3, grace_period: 1, reduction_factor: 2}
 resources: {workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}
+selection: {metric: val_loss, mode: min}
 final: {seeds: [0, 1], bootstrap: 200}
 """
 CLI = [str(REPO_ROOT / ".venv" / "bin" / "cxr-ray")] if (REPO_ROOT / ".venv" / "bin" / "cxr-ray").exists() \
