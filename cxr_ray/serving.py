@@ -5,7 +5,8 @@ What it puts together, one module each: which model and operating point (serve_m
 model's answers and Grad-CAM (serve_predictor), decoding in child processes (serve_decoders),
 what a request may cost and who may send it (serve_limits), and the API contract and pages
 (serve_api). Every bad input gets a 4xx JSON error in one schema; a full replica answers 503
-with Retry-After.
+with Retry-After. The process that builds the application only chooses the model: torch is
+loaded by the replicas, so `cxr-ray serve` refuses a bad study or a held port in seconds.
 
 (No `from __future__ import annotations` here: FastAPI under Serve's ingress must see real types.)
 """
@@ -35,7 +36,6 @@ from .serve_decoders import DecodeClock, DecodePool
 from .serve_limits import (LOCAL_HOSTS, RETRY_AFTER_S, WORKER_WAIT_S, BytesInFlight, Guard, Limits, RequestError,
                            TrustPolicy, Upload, error_response, read_uploads)
 from .serve_model import ModelChoice, ServingError, choose_model
-from .serve_predictor import Predictor
 
 log = logging.getLogger("ray.serve")
 
@@ -73,6 +73,7 @@ def finite(metrics: dict) -> dict:
 @serve.ingress(api)
 class CXRServer:
     async def __init__(self, choice: ModelChoice, max_batch_size: int, batch_wait_ms: float, limits: Limits):
+        from .serve_predictor import Predictor  # torch: the replica's alone (a driver only chooses the model)
         Guard.trust = TrustPolicy.of(limits)
         self.predictor = Predictor(choice)
         self.limits = limits
