@@ -1,6 +1,6 @@
 """Ray Serve vs a bare FastAPI + torch server under a bounded HTTP load, on real chest X-rays.
 
-Two servers on 127.0.0.1, same checkpoint and the same preprocessing (cxr_ray.serving.Predictor):
+Two servers on 127.0.0.1, same checkpoint and the same preprocessing (cxr_ray.serve_predictor.Predictor):
   serve   cxr_ray.serving.build(...) on local Ray (Ray Serve proxy + CXRServer replica(s),
           server-side batching with @serve.batch)
   bare    one uvicorn process (a subprocess of this script) running a plain FastAPI app: one
@@ -22,7 +22,7 @@ resident memory (RSS) of the replica process and of its decoder child processes 
 10 ms from /proc; the answers per upload and the peaks are printed.
 
     .venv/bin/python benchmarks/bench_serve.py [--requests 500] [--concurrency 1 8 32]
-        [--max-batch-size 16] [--batch-wait-ms 5] [--replicas 1] [--study DIR]
+        [--max-batch-size N] [--batch-wait-ms MS] [--replicas 1] [--study DIR]
         [--bombs 2] [--bomb-concurrency 4]
 """
 import argparse
@@ -51,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="concurrent clients, one measurement each (default 1 8 32)")
     p.add_argument("--warmup", type=int, default=20,
                    help="untimed requests before each measurement (default 20)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="Serve @serve.batch max size (default 16)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="Serve batch wait timeout (default 5 ms)")
+    p.add_argument("--max-batch-size", type=int, help="Serve @serve.batch max size (default: cxr-ray serve's)")
+    p.add_argument("--batch-wait-ms", type=float, help="Serve batch wait timeout (default: cxr-ray serve's)")
     p.add_argument("--replicas", default="1", help="Serve replicas, an integer or 'auto' (default 1)")
     p.add_argument("--backbone", default="mobilenetv3_small_050",
                    help="timm backbone of the random-init model (default mobilenetv3_small_050)")
@@ -86,11 +86,12 @@ def bare_app(study_dir: str, threads: int):
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
-    from cxr_ray import serving
+    from cxr_ray.serve_limits import RequestError
+    from cxr_ray.serve_predictor import Predictor
 
     if threads:
         torch.set_num_threads(threads)
-    predictor = serving.Predictor(model_choice(study_dir))
+    predictor = Predictor(model_choice(study_dir))
     app = FastAPI(title="cxr-ray bare baseline")
 
     def score(data: bytes) -> dict:
@@ -102,7 +103,7 @@ def bare_app(study_dir: str, threads: int):
         data = await request.body()
         try:
             return await run_in_threadpool(score, data)
-        except serving.RequestError as e:
+        except RequestError as e:
             return JSONResponse({"error": e.message, "file": e.file}, status_code=e.status)
 
     @app.get("/healthz")
@@ -140,10 +141,10 @@ def make_checkpoint(root: Path, backbone: str, size: int) -> Path:
 
 def model_choice(path: str):
     """A study directory's best model, or one checkpoint directory (it holds meta.json)."""
-    from cxr_ray import serving
+    from cxr_ray.serve_model import choose_model
     if (Path(path) / "meta.json").exists():
-        return serving.choose_model(checkpoint=path)
-    return serving.choose_model(path)
+        return choose_model(checkpoint=path)
+    return choose_model(path)
 
 
 # ----------------------------------------------------------------------------- load generation
@@ -398,6 +399,10 @@ def main() -> int:
         from ray import serve
 
         from cxr_ray import serving
+        if args.max_batch_size is None:  # cxr-ray serve's own settings
+            args.max_batch_size = serving.MAX_BATCH_SIZE
+        if args.batch_wait_ms is None:
+            args.batch_wait_ms = serving.BATCH_WAIT_MS
         t = time.perf_counter()
         ray_started = not ray.is_initialized()
         runtime.connect(num_cpus=2, quiet=True)

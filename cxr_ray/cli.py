@@ -99,10 +99,9 @@ def _labelled_set(args, name: str):
 
 
 def _study_spec(study_dir: str):
-    from . import spec as specs, storage
-    from .status import finished_study
+    from .study_layout import finished_study, read_spec
     sdir = finished_study(study_dir)
-    return sdir, specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
+    return sdir, read_spec(sdir)
 
 
 def cmd_evaluate(args) -> None:
@@ -231,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)
 
+    # Serve options default to None: serving.build()'s defaults apply (README 'Serving' lists them).
     p = sub.add_parser("serve", help="serve a study's best model over HTTP (Ray Serve)")
-    p.add_argument("dir", nargs="?", help="study directory or URI")
+    p.add_argument("study_dir", metavar="dir", nargs="?", help="study directory or URI")
     p.add_argument("--arm", help="serve this arm's best final model instead of the best arm's")
     p.add_argument("--checkpoint", help="serve this checkpoint directory")
     p.add_argument("--ensemble", action="store_true",
@@ -241,21 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-policy", metavar="POLICY[:TARGET]",
                    help="choose the threshold on the study's validation split by youden, calibrated, "
                         "sensitivity:TARGET or specificity:TARGET (default: the study's own)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="bind address (default 127.0.0.1; anything else exposes an unauthenticated API)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1; anything else exposes an unauthenticated API)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", default="1", help="replica count, or 'auto' to autoscale up to --max-replicas")
-    p.add_argument("--max-replicas", type=int, default=4)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--gpus-per-replica", type=float, default=0)
-    p.add_argument("--max-upload-mb", type=float, default=20)
-    p.add_argument("--upload-timeout-s", type=float, default=30.0, help="seconds to receive one request's body (408 after)")
-    p.add_argument("--decode-timeout-s", type=float, default=10.0,
-                   help="decoder seconds for all images of one request (422 after)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+    p.add_argument("--replicas", help="replica count, or 'auto' to autoscale up to --max-replicas")
+    p.add_argument("--max-replicas", type=int)
+    p.add_argument("--max-batch-size", type=int, help="images per forward pass of a replica")
+    p.add_argument("--batch-wait-ms", type=float, help="how long a batch waits to fill")
+    p.add_argument("--gpus-per-replica", type=float)
+    p.add_argument("--max-upload-mb", type=float, help="size limit of one request's body (413 over)")
+    p.add_argument("--upload-timeout-s", type=float, help="seconds to receive one request's body (408 after)")
+    p.add_argument("--decode-timeout-s", type=float, help="decoder seconds for all images of one request (422 after)")
+    p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
                    help="a Host name to serve besides localhost and --host (repeatable)")
-    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+    p.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
                    help="a web origin allowed to call the API cross-origin, e.g. https://viewer.example "
                         "(repeatable; * for any)")
     p.set_defaults(func=cmd_serve)

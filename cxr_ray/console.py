@@ -16,7 +16,7 @@ import numpy as np
 from ray import tune
 
 from . import storage
-from .status import plan_key, trial_label
+from .study_layout import plan_key, trial_label
 
 
 def epoch_line(name: str, m: dict, epochs: int | None = None, width: int = 24) -> str:
@@ -42,7 +42,7 @@ class StudyProgress(tune.Callback):
 
     def __init__(self, spec, phase: str, plans: dict):
         self.phase, self.plans = phase, plans
-        self.metric, self.sign = spec.selection.metric, 1 if spec.selection.mode == "max" else -1
+        self.metric, self.sign = spec.selection.metric, spec.selection.sign
         self.width = max(len(p["arm"]) for p in plans.values()) + len("-c00-s0")
         self.slots = spec.resources.max_concurrent_trials
         self.start = time.time()

@@ -20,7 +20,8 @@ Multi-frame files (multi-frame DICOM, APNG, MPO) are refused: the cache and the 
 one policy. JPEGs decode through libjpeg-turbo in strict mode, so data that ends early (even when
 an end marker follows) is refused instead of padded with grey.
 
-``python -m cxr_ray.imaging SIZE MEMORY_MB`` runs a decoder process for the server (see ``serve_worker``).
+``python -m cxr_ray.imaging SIZE MEMORY_MB`` runs a decoder process for the server (see ``serve_worker``
+and serve_decoders.py).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from .errors import CxrError
+
 MIN_SIDE = 16
 MAX_ASPECT = 4.0  # chest films are about 1:1.25; a 16 x 3,750,000 "image" is an attack
 MAX_DECODED_BYTES = 64 * 2**20  # e.g. a 5,800 x 5,800 16-bit radiograph; real ones are smaller
@@ -41,7 +44,7 @@ MAX_PIXELS = 60_000_000  # bounds the entropy decoding of JPEGs, which DCT scali
 MAX_JPEG_SCANS = 64  # libjpeg's progressive modes write 6-10; each scan is a pass over the image
 
 
-class ImageError(ValueError):
+class ImageError(CxrError, ValueError):
     """Bytes that are not a usable image. ``str()`` names the file and says why, in words fit
     for the client; ``detail`` holds the decoder's own text, for logs only."""
 
@@ -86,11 +89,6 @@ def to_pixels(data: bytes, size: int, name: str = "image") -> Decoded:
         raise UnsupportedFormat(f"{name}: not a readable image (not a JPEG, PNG or DICOM file)")
     gray, width, height = _DECODERS[kind](data, size, name)
     return Decoded(square(gray, size), width, height)
-
-
-def decode(data: bytes, size: int, name: str = "image") -> np.ndarray:
-    """``to_pixels`` for callers that need only the pixels."""
-    return to_pixels(data, size, name).pixels
 
 
 def square(gray: np.ndarray, size: int) -> np.ndarray:

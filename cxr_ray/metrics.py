@@ -11,8 +11,10 @@ import math
 
 import numpy as np
 
+from .errors import CxrError
 
-class MetricError(ValueError):
+
+class MetricError(CxrError, ValueError):
     pass
 
 

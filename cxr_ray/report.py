@@ -160,9 +160,9 @@ def external_blocks(s: Study, name: str, ext) -> list[Block]:
     if ext.comparison is not None and len(ext.comparison):
         blocks.append(Block("table", f"Paired comparison on {name} against the arm the study chose "
                                      f"(external/{name}/comparison.csv).", f"external_{name}_comparison",
-                            ext.comparison[[c for c in ("arm", "versus", "delta_auroc", "delta_ci_low", "delta_ci_high",
-                                                        "p_holm", "p_delong", "p_mcnemar", "verdict")
-                                            if c in ext.comparison]]))
+                            bootstrap_p(ext.comparison[[c for c in ("arm", "versus", "delta_auroc", "delta_ci_low",
+                                                                    "delta_ci_high", "p_holm", "p_delong", "p_mcnemar",
+                                                                    "verdict") if c in ext.comparison]], s)))
     if ext.ensembles is not None and len(ext.ensembles):
         blocks.append(Block("table", f"Seed ensembles on {name} (external/{name}/ensembles.csv).",
                             f"external_{name}_ensembles", ci_table(ext.ensembles, "ensembles", s)))
@@ -397,7 +397,15 @@ def comparison_blocks(s: Study) -> list[Block]:
     return [Block("table", "Paired comparison with the best arm (comparison.csv): difference in seed-mean test AUROC "
                            "with a paired patient-bootstrap 95% CI and p-value (Holm-adjusted: p_holm, the primary "
                            "test), DeLong's test on seed-averaged probabilities, McNemar's test on decisions.",
-                  "comparison", s.comparison[[c for c in cols if c in s.comparison]])]
+                  "comparison", bootstrap_p(s.comparison[[c for c in cols if c in s.comparison]], s))]
+
+
+def bootstrap_p(comparison: pd.DataFrame, s: Study) -> pd.DataFrame:
+    """The bootstrap's p-values (raw and Holm-adjusted) as a reader should see them: 0 only says
+    p < 1/B, B resamples (the verdict's words, evaluation.p_text)."""
+    below = f"< {1 / s.spec.final.bootstrap:.2g}"
+    return comparison.assign(**{c: [below if p == 0 else p for p in comparison[c]]
+                                for c in ("p_bootstrap", "p_holm") if c in comparison})
 
 
 def best_configs_table(s: Study) -> pd.DataFrame:

@@ -12,6 +12,7 @@ import json
 import pandas as pd
 
 from . import spec as specs, storage
+from .study_layout import SEARCH, spec_file
 
 # Which stage writes each file: a missing file is explained by the stage that has not run yet.
 WRITTEN_BY = {
@@ -37,9 +38,7 @@ class Study:
         self.dir = sdir
         self.problems: dict[str, str] = {}  # file -> why it reads as None
         self.unreadable: list[str] = []
-        spec_uri = storage.join(sdir, "spec.yaml")
-        if not storage.exists(spec_uri):
-            raise FileNotFoundError(f"{sdir}: not a study directory (no spec.yaml)")
+        spec_uri = spec_file(sdir)
         raw = specs.yaml_load(storage.read_text(spec_uri))
         if not isinstance(raw, dict):
             raise specs.SpecError(f"{spec_uri}: expected a mapping at the top level")
@@ -117,7 +116,7 @@ class Study:
         t = self.trials
         if t is None or t.empty or "epoch" not in t or self.metric not in t:
             return pd.DataFrame(columns=["trial_id", "arm", "epoch", self.metric])
-        t = t[t["phase"] == "search"] if "phase" in t else t
+        t = t[t["phase"] == SEARCH] if "phase" in t else t
         return t.dropna(subset=["epoch", self.metric])
 
     @property

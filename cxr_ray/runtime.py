@@ -1,8 +1,11 @@
 """Connecting to Ray: a local instance started the way studies need it, or a cluster.
 
-Every environment variable cxr-ray sets lives in ``RAY_ENVIRONMENT`` below, applied in one place
-(``connect``): to this process and, through the job's runtime environment, to every Ray worker of
-the job (Tune trials, Train controllers and workers), on a laptop or a cluster alike.
+Every environment variable cxr-ray sets for Ray and its workers lives in ``RAY_ENVIRONMENT`` below,
+applied in one place (``connect``): to this process and, through the job's runtime environment, to
+every Ray worker of the job (Tune trials, Train controllers and workers), on a laptop or a cluster
+alike. The two other places that set one do so for a single process and what it starts: the
+serving decoder processes run with one thread each (serve_decoders.py), and
+benchmarks/bench_asha.py points its own run at a scratch image cache (CXR_RAY_CACHE).
 """
 from __future__ import annotations
 

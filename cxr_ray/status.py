@@ -2,47 +2,15 @@
 so it works while the study runs, after it was killed, and on a study stored on S3.
 
 Trials are found in Tune's experiment directories (``search/``, ``final/``: one directory per
-started trial, named ``<label>-<trial id>``); their progress is each run's own record
-(``runs/<trial id>/metrics.csv``) and ASHA's decisions (``asha_state.json``).
+started trial); their progress is each run's own record and ASHA's decisions (the directory's
+layout is study_layout's).
 """
 from __future__ import annotations
 
 import math
 
-from . import spec as specs, storage
-
-SEARCH, FINAL = "search", "final"
-
-
-def finished_study(study_dir: str) -> str:
-    """The study's normalised URI; FileNotFoundError unless its final evaluation wrote best.json."""
-    sdir = storage.normalize(study_dir)
-    if not storage.exists(storage.join(sdir, "best.json")):
-        raise FileNotFoundError(f"{sdir}: no best.json; is the study finished? (cxr-ray study status {sdir})")
-    return sdir
-
-
-def plan_key(config: dict) -> str:
-    """The key of a trial's plan (what it trains) from its Tune config: arm/configuration/seed."""
-    return f"{config['arm']}/{config.get('config_id', 'best')}/{config['seed']}"
-
-
-def trial_label(config: dict) -> str:
-    """A trial's name from its Tune config: ``resnet10t-c1-s0`` for a search trial (arm,
-    configuration, seed), ``resnet10t-s2`` for a final run (arm, seed)."""
-    if "config_id" in config:
-        return f"{config['arm']}-c{config['config_id']}-s{config['seed']}"
-    return f"{config['arm']}-s{config['seed']}"
-
-
-def trial_id_of(dirname: str) -> str:
-    """The Tune trial id at the end of a trial directory's name (``resnet10t-c1-s0-<trial id>``)."""
-    return dirname.rsplit("-", 1)[-1]
-
-
-def asha_stops(sdir: str) -> dict:
-    uri = storage.join(sdir, "asha_state.json")
-    return storage.read_json(uri)["stopped"] if storage.exists(uri) else {}
+from . import storage
+from .study_layout import FINAL, SEARCH, asha_stops, history_file, read_spec, trial_id_of
 
 
 def phase_trials(sdir: str, phase: str) -> list[dict] | None:
@@ -57,7 +25,7 @@ def phase_trials(sdir: str, phase: str) -> list[dict] | None:
         if not storage.exists(params):
             continue
         config, tid = storage.read_json(params), trial_id_of(name)
-        history_uri = storage.join(sdir, "runs", tid, "metrics.csv")
+        history_uri = history_file(sdir, tid)
         history = storage.read_csv(history_uri).to_dict("records") if storage.exists(history_uri) else []
         trials.append({"arm": config["arm"], "config_id": config.get("config_id"), "trial_id": tid,
                        "history": history, "error": storage.exists(storage.join(root, name, "error.txt"))})
@@ -68,10 +36,8 @@ def status(sdir: str) -> str:
     """Trials completed / stopped / running per arm and the best so far, then the final evaluation;
     every line fits 100 columns (the CSV files hold everything)."""
     sdir = storage.normalize(sdir)
-    if not storage.exists(storage.join(sdir, "spec.yaml")):
-        raise specs.SpecError(f"{sdir}: not a study directory (no spec.yaml)")
-    spec = specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
-    metric, sign = spec.selection.metric, 1 if spec.selection.mode == "max" else -1
+    spec = read_spec(sdir)
+    metric, sign = spec.selection.metric, spec.selection.sign
     stops = asha_stops(sdir)
     lines = [f"study {spec.name} ({spec.hash}), engine {spec.engine}", f"  {sdir}"]
     planned = {SEARCH: spec.budget.samples_per_arm, FINAL: len(spec.final.seeds)}

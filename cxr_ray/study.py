@@ -1,14 +1,17 @@
 """Running a study: paired ASHA search per arm, then multi-seed final training, on Ray Tune.
 
-Phases, each reading what the previous one wrote to the study directory:
+Phases, each reading what the previous one wrote to the study directory (study_layout.py):
   1. data      spec.yaml, split.csv, data_report.json, configs.csv
   2. search    Tune experiment ``search``: every arm x the same sampled configurations, one
-               Ray Train run per trial, stopped by per-arm ASHA; trials.csv, budget.csv
+               training run per trial (engine ``tune``, the default: the training loop inside
+               the Tune trial; engine ``train``: a Ray Train run, DDP over its workers), stopped
+               by per-arm ASHA; trials.csv, budget.csv
   3. final     Tune experiment ``final``: each arm's best configuration retrained with every
                final seed for the same epochs, scored on the held-out test split
   4. evaluate  final.csv, summary.csv, comparison.csv, predictions.csv, best.json (evaluation.py)
 Killing the driver loses nothing: ``resume`` restores both Tune experiments, skips finished
-trials and continues unfinished ones from their last Ray Train checkpoint.
+trials and continues unfinished ones from their newest checkpoint (each run's own, written every
+epoch whichever engine ran it).
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from . import console, data, evaluation, external, models, runtime, spec as spec
 from .config import TrainConfig
 from .errors import CxrError
 from .scheduler import PerArmASHA
-from .status import FINAL, SEARCH, asha_stops, plan_key, trial_id_of, trial_label
+from .study_layout import (FINAL, SEARCH, asha_state_file, asha_stops, history_file, plan_key, read_spec,
+                           trial_id_of, trial_name)
+
 
 class StudyError(CxrError, RuntimeError):
     """A study cannot start or continue; the message says why and what to run."""
@@ -48,11 +53,6 @@ def run_trial(config: dict, data_ref: list, plans: dict, settings: dict) -> None
                  use_gpu=settings["gpus"] > 0, cpus_per_worker=settings["cpus"], gpus_per_worker=settings["gpus"],
                  max_failures=settings["max_failures"], custom_resources=settings["custom"],
                  callbacks=[TuneReportCallback()])
-
-
-def _trial_name(trial) -> str:
-    """Tune's name and directory of a trial: ``resnet10t-c1-s0-<trial id>``."""
-    return f"{trial_label(trial.config)}-{trial.trial_id}"
 
 
 def trial_resources(spec: specs.Spec) -> dict:
@@ -82,7 +82,7 @@ def phase_tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) 
         b = spec.budget
         scheduler = PerArmASHA(metric=spec.selection.metric, mode=spec.selection.mode, max_t=b.max_epochs,
                                grace_period=b.grace_period, reduction_factor=b.reduction_factor,
-                               state_path=storage.join(sdir, "asha_state.json"))
+                               state_path=asha_state_file(sdir))
         # config_id outermost: arms advance through the configurations side by side
         space = {"config_id": tune.grid_search(sorted({p["config_id"] for p in plans.values()})),
                  "arm": tune.grid_search(spec.arm_names), "seed": spec.seed}
@@ -92,7 +92,7 @@ def phase_tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) 
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=r.max_concurrent_trials,
-                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                     reuse_actors=spec.engine == "tune"),
         run_config=tune.RunConfig(name=phase, storage_path=sdir,
                                   failure_config=tune.FailureConfig(max_failures=r.max_failures),
@@ -141,7 +141,7 @@ def collect_trials(result_grid, sdir: str, phase: str, plans: dict) -> pd.DataFr
         identity = {"phase": phase, "trial_id": trial_id, "arm": t["arm"], "config_id": t["config_id"],
                     "seed": t["seed"], "status": "error" if result.error else "ok",
                     **{f"hp_{k}": v for k, v in t["params"].items()}}
-        history_uri = storage.join(sdir, "runs", trial_id, "metrics.csv")
+        history_uri = history_file(sdir, trial_id)
         if not storage.exists(history_uri):
             rows.append(identity)
             continue
@@ -164,8 +164,7 @@ def _relative(path: str, sdir: str) -> str:
 def trial_summary(trials: pd.DataFrame, spec: specs.Spec, stops: dict) -> pd.DataFrame:
     """One row per trial, every trial of the phase included: last epoch, best and last metric,
     outcome (completed, stopped by ASHA, unfinished, error), times."""
-    metric = spec.selection.metric
-    sign = 1 if spec.selection.mode == "max" else -1
+    metric, sign = spec.selection.metric, spec.selection.sign
     rows = []
     for tid, g in trials.groupby("trial_id", sort=False):
         first = g.iloc[0]
@@ -328,11 +327,7 @@ def run(spec_path: str, out: str | None = None, storage_root: str | None = None,
 
 def resume(sdir: str, *, report: bool = True, verbose: bool = False) -> str:
     sdir = storage.normalize(sdir)
-    spec_uri = storage.join(sdir, "spec.yaml")
-    if not storage.exists(spec_uri):
-        raise StudyError(f"{sdir}: not a study directory (no spec.yaml)")
-    spec = specs.validate_text(storage.read_text(spec_uri), spec_uri)
-    return execute(spec, sdir, report=report, verbose=verbose)
+    return execute(read_spec(sdir), sdir, report=report, verbose=verbose)
 
 
 def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool = False) -> str:

@@ -1,15 +1,19 @@
 """The `cxr-ray` command line: clear errors (exit code 2, message naming the input) and data commands."""
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
+from conftest import REPO_ROOT
 from cxr_ray import cli
+from cxr_ray.errors import CxrError
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -62,10 +66,55 @@ def test_spec_errors_name_the_file_and_key(capsys, tmp_path):
     assert code == 2 and "no such spec file" in err
 
 
-def test_status_and_resume_refuse_a_non_study(capsys, tmp_path):
-    for command in ("status", "resume"):
-        code, _, err = run(capsys, "study", command, str(tmp_path))
-        assert code == 2 and "not a study directory" in err
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_every_command_refuses_a_non_study_in_the_same_words(capsys, tmp_path):
+    here = str(tmp_path)
+    for argv in (["study", "status", here], ["study", "resume", here], ["report", here],
+                 ["serve", here, "--port", free_port()], ["evaluate", here, "--external", "x=/nowhere"],
+                 ["calibrate", here, "--name", "x", "--path", "/nowhere"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err == f"error: {here}: not a study directory (no spec.yaml)\n", (argv, err)
+
+
+def test_not_a_study_directory_is_one_exception_type(tmp_path):
+    from cxr_ray import results, status, study, study_layout
+    for read in (status.status, study.resume, results.Study, study_layout.finished_study):
+        with pytest.raises(study_layout.NotAStudy, match="not a study directory"):
+            read(str(tmp_path))
+
+
+def test_a_serve_time_policy_the_validation_scores_cannot_fit_is_one_line(capsys, fake_study_dir, tmp_path):
+    """`serve --threshold-policy calibrated` where no increasing Platt fit exists (validation scores
+    that rank the classes backwards): exit 2 with one line naming the study and the policy, before
+    anything starts (this was a traceback)."""
+    study = shutil.copytree(fake_study_dir, tmp_path / "backwards")
+    val = pd.read_csv(study / "validation_predictions.csv")
+    val.assign(probability=1 - val["probability"]).to_csv(study / "validation_predictions.csv", index=False)
+    code, out, err = run(capsys, "serve", str(study), "--threshold-policy", "calibrated", "--port", free_port())
+    assert code == 2 and not out and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {study}: threshold policy calibrated") and "no increasing calibration" in err
+
+
+# Exceptions that never reach the command line, and where they are told instead.
+TOLD_ELSEWHERE = {"RequestError": "a 4xx answered to an HTTP client (serve_limits)",
+                  "Missing": "a part of the report left out, with the reason in the report (results)"}
+
+
+def test_every_error_a_user_can_act_on_is_a_cxr_error():
+    """errors.py's rule: the CLI prints a CxrError as one line and exits 2; any other exception
+    escapes as a traceback."""
+    errors = {}
+    for path in sorted((REPO_ROOT / "cxr_ray").glob("*.py")):
+        module = importlib.import_module(f"cxr_ray.{path.stem}")
+        errors |= {name: obj for name, obj in vars(module).items() if isinstance(obj, type)
+                   and issubclass(obj, Exception) and obj.__module__ == module.__name__}
+    assert {"ImageError", "MetricError", "SpecError", "ServingError"} <= set(errors)
+    assert sorted(n for n, e in errors.items() if not issubclass(e, CxrError) and n not in TOLD_ELSEWHERE) == []
 
 
 def test_train_rejects_unknown_setting_before_starting_ray(capsys, tmp_path):

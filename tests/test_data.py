@@ -252,7 +252,7 @@ def test_cache_round_trip_and_reuse(kaggle_tree, tmp_path, monkeypatch):
     assert cache.dir.parent == tmp_path / "cache"
     for i, item in enumerate(cache.index["item"]):
         raw = kaggle_tree.path(item).read_bytes()
-        np.testing.assert_array_equal(cache.images[i], imaging.decode(raw, SIZE), err_msg=item)
+        np.testing.assert_array_equal(cache.images[i], imaging.to_pixels(raw, SIZE).pixels, err_msg=item)
         assert cache.index["sha1"].iat[i] == hashlib.sha1(raw).hexdigest()
     assert (cache.index[["width", "height"]].to_numpy() == [48, 40]).all()
     assert pd.read_csv(cache.dir / "errors.csv").empty
@@ -300,7 +300,7 @@ def test_corrupt_file_is_skipped_and_listed(make_kaggle_tree, tmp_path, capsys):
     # remaining rows still line up with their files
     for i in (0, len(cache.index) - 1):
         raw = tree.path(cache.index["item"].iat[i]).read_bytes()
-        np.testing.assert_array_equal(cache.images[i], imaging.decode(raw, SIZE))
+        np.testing.assert_array_equal(cache.images[i], imaging.to_pixels(raw, SIZE).pixels)
     # strict: reusing the cache or building afresh both refuse, naming the file
     with pytest.raises(DataError, match="person999_bacteria_1.jpeg"):
         data.build_cache(source, SIZE, cache_root=tmp_path / "cache", strict=True, workers=1, progress=False)
@@ -323,7 +323,7 @@ def test_cache_of_the_real_original_resolution_sample(shared_data, tmp_path):
     assert (cache.index[["width", "height"]].to_numpy() > 100).all()
     for i in (0, 77):
         raw = (Path(source.path) / cache.index["item"].iat[i]).read_bytes()
-        np.testing.assert_array_equal(cache.images[i], imaging.decode(raw, SIZE))
+        np.testing.assert_array_equal(cache.images[i], imaging.to_pixels(raw, SIZE).pixels)
     assert cache.images.std() > 10  # real content, not blank
 
 
@@ -346,7 +346,7 @@ def test_square_resizes_the_short_side_and_centre_crops(transpose):
     # squashing would keep the black margins, padding would add black: the crop is all white
     assert out.min() >= 200
     assert (out[2:-2, 2:-2] == 255).all()
-    np.testing.assert_array_equal(imaging.decode(png_bytes(img), 50), out)
+    np.testing.assert_array_equal(imaging.to_pixels(png_bytes(img), 50).pixels, out)
 
 
 def test_square_keeps_an_already_square_image():
@@ -359,7 +359,7 @@ def test_16bit_png_is_scaled_to_full_range_not_clipped():
     ramp = np.linspace(1000, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
     raw = png_bytes(ramp)
     assert Image.open(io.BytesIO(raw)).mode.startswith("I")
-    out = imaging.decode(raw, 64)
+    out = imaging.to_pixels(raw, 64).pixels
     assert out.dtype == np.uint8 and out.shape == (64, 64)
     assert out.min() == 0 and out.max() == 255
     assert len(np.unique(out)) > 200  # clipping to 255 would leave one value
@@ -370,7 +370,7 @@ def test_rgb_is_converted_to_gray():
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
     rgb[:8] = [255, 0, 0]
-    out = imaging.decode(png_bytes(rgb), 48)
+    out = imaging.to_pixels(png_bytes(rgb), 48).pixels
     assert out.shape == (48, 48) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, np.asarray(Image.fromarray(rgb).convert("L")))
     assert (out[:8] == 76).all()  # ITU-R 601 luma of pure red
@@ -378,14 +378,14 @@ def test_rgb_is_converted_to_gray():
 
 def test_unusable_bytes_raise_image_error_naming_the_file():
     with pytest.raises(imaging.ImageError, match="a.png.*empty"):
-        imaging.decode(b"", 32, "a.png")
+        imaging.to_pixels(b"", 32, "a.png")
     with pytest.raises(imaging.ImageError, match="b.png.*not a readable image"):
-        imaging.decode(b"GIF89a garbage", 32, "b.png")
+        imaging.to_pixels(b"GIF89a garbage", 32, "b.png")
     with pytest.raises(imaging.ImageError, match="c.png.*too small"):
-        imaging.decode(png_bytes(np.zeros((8, 40), np.uint8)), 32, "c.png")
+        imaging.to_pixels(png_bytes(np.zeros((8, 40), np.uint8)), 32, "c.png")
     good = encode(np.full((64, 64), 128, np.uint8), "JPEG")
     with pytest.raises(imaging.ImageError, match="(?i)d.jpeg.*truncated"):
-        imaging.decode(good[: len(good) // 2], 32, "d.jpeg")
+        imaging.to_pixels(good[: len(good) // 2], 32, "d.jpeg")
 
 
 # ----------------------------------------------------------------------------- npz
@@ -514,7 +514,7 @@ def test_prepare_writes_split_and_report(make_kaggle_tree, tmp_path):
         assert set(prepared.cache.index["item"].iloc[rows]) == want
     i = int(prepared.rows["test"][0])
     raw = tree.path(prepared.cache.index["item"].iat[i]).read_bytes()
-    np.testing.assert_array_equal(prepared.cache.images[i], imaging.decode(raw, SIZE))  # pool decode
+    np.testing.assert_array_equal(prepared.cache.images[i], imaging.to_pixels(raw, SIZE).pixels)  # pool decode
 
 
 def test_data_check_shows_the_film_shape_shortcut_of_the_kaggle_train_split(shared_data, tmp_path):

@@ -244,3 +244,14 @@ def test_report_renders_in_headless_chromium(finished, tmp_path):
     (tmp_path / "shot.png").write_bytes(shot)
     with Image.open(tmp_path / "shot.png") as im:
         assert im.width == 1280 and im.height > 4000  # the whole page: text, tables and seven figures
+
+
+def test_a_bootstrap_p_value_of_zero_reads_as_below_its_resolution(finished, fake_study_dir):
+    """The fake's weaker arms differ in every resample (p = 0 of 100): the tables say p < 1/B, as the
+    verdict does, never p = 0."""
+    study = pd.read_csv(fake_study_dir / "comparison.csv")
+    assert (study["p_holm"] == 0).all() and (study["p_bootstrap"] == 0).all()  # the numbers stay numbers
+    shown = pd.read_csv(finished / "comparison.csv")
+    assert list(shown["p_holm"]) == list(shown["p_bootstrap"]) == ["< 0.01"] * len(study)
+    table = page(finished).split("Paired comparison with the best arm", 1)[1].split("</table>", 1)[0]
+    assert table.count("&lt; 0.01") == 2 * len(study) and "<td>0</td>" not in table

@@ -38,7 +38,9 @@ def s3_env(study_env, monkeypatch):
 
 @pytest.mark.parametrize("engine", ["tune", "train"])
 def test_study_report_and_serving_on_s3(s3_env, tmp_path, engine):
-    from cxr_ray import serving, storage
+    from cxr_ray import storage
+    from cxr_ray.serve_model import choose_model
+    from cxr_ray.serve_predictor import Predictor
     assert "arms: [lcnet_050]" in SPEC and "samples_per_arm: 2, max_epochs: 2" in SPEC  # TINY_SPEC unchanged
     spec = tmp_path / "on_s3.yaml"
     spec.write_text(SPEC.replace("max_concurrent_trials: 2}", f"max_concurrent_trials: 2, engine: {engine}}}"))
@@ -71,9 +73,9 @@ def test_study_report_and_serving_on_s3(s3_env, tmp_path, engine):
     import numpy as np
 
     from cxr_ray import data
-    choice = serving.choose_model(study)
+    choice = choose_model(study)
     assert choice.identity["arm"] == "lcnet_050" and choice.identity["study"] == "on_s3"
-    predictor = serving.Predictor(choice)
+    predictor = Predictor(choice)
     best = storage.read_json(storage.join(study, "best.json"))
     predictions = storage.read_csv(storage.join(study, "predictions.csv"))
     served = predictions[(predictions["arm"] == best["arm"]) & (predictions["seed"] == best["seed"])].iloc[0]

@@ -32,7 +32,7 @@ from ray import serve
 
 import hostile_corpus as hc
 from conftest import CLI, REPO_ROOT, chromium, kill_session
-from cxr_ray import config, data, imaging, models, runtime, serving, synthetic, training
+from cxr_ray import config, data, imaging, models, runtime, serving, spec as specs, synthetic, training
 from cxr_ray import metrics as cxr_metrics
 
 pytestmark = pytest.mark.e2e
@@ -66,8 +66,11 @@ encode = hc.encode
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     """A study directory holding one checkpoint (random weights: parity needs no skill) and the
-    files serving reads (best.json, final.csv, summary.csv), plus non-square test images."""
+    files serving reads (spec.yaml, best.json, final.csv, summary.csv), plus non-square test images."""
     root = tmp_path_factory.mktemp("served")
+    (root / "spec.yaml").write_text(specs.dump(specs.validate(
+        {"name": "served", "data": {"source": "synthetic", "image_size": SIZE}, "arms": ["lcnet_050"],
+         "budget": {"samples_per_arm": 1, "max_epochs": 1}}, "served.yaml")))
     torch.manual_seed(0)
     cfg = config.TrainConfig(backbone="lcnet_050", image_size=SIZE, study="served", arm="lcnet_050",
                              spec_hash="abc123")
@@ -212,13 +215,13 @@ def test_16_bit_png_and_dicom_are_handled(server):
         return r.json()["probability"]
 
     p16 = prob(encode(base, "PNG"), "image/png")  # 16-bit grayscale PNG: scaled, not clipped
-    gray = imaging.decode(encode(base, "PNG"), 96)
+    gray = imaging.to_pixels(encode(base, "PNG"), 96).pixels
     assert gray.min() == 0 and gray.max() == 255  # min-max scaled: nothing clipped at 255
     mono2 = prob(hc.dicom(base), "application/dicom")
     mono1 = prob(hc.dicom(base.max() - base, "MONOCHROME1"), "application/dicom")  # inverted storage
     rescaled = prob(hc.dicom(base // 2, RescaleSlope=2.0, RescaleIntercept=-100.0), "application/dicom")
-    px1 = imaging.decode(hc.dicom(base.max() - base, "MONOCHROME1"), SIZE).astype(int)
-    px2 = imaging.decode(hc.dicom(base), SIZE).astype(int)
+    px1 = imaging.to_pixels(hc.dicom(base.max() - base, "MONOCHROME1"), SIZE).pixels.astype(int)
+    px2 = imaging.to_pixels(hc.dicom(base), SIZE).pixels.astype(int)
     assert np.abs(px1 - px2).max() <= 1  # same picture, up to rounding
     assert mono1 == pytest.approx(mono2, abs=2e-3)
     assert rescaled == pytest.approx(mono2, abs=2e-3)
@@ -351,6 +354,20 @@ def test_explain_is_correct_under_concurrency(server, study):
         overlay = Image.open(io.BytesIO(r.content))
         assert overlay.size == (SIZE * 4, SIZE * 4) and overlay.mode == "RGB"
         assert float(r.headers["x-probability"]) == pytest.approx(offline_probability(study, path), abs=1e-5)
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/predict", "/v1/predict/batch"])
+def test_a_large_text_field_beside_an_image_is_refused(server, study, endpoint):
+    """The API reads only files: a text field may hold a note, not half a megabyte (under the
+    request's own limit, so only the field's limit can refuse it)."""
+    path = sorted((study / "images").glob("*.png"))[0]
+    field = "file" if endpoint == "/v1/predict" else "files"
+    image = {field: (path.name, path.read_bytes(), "image/png")}
+    note = requests.post(f"{server}{endpoint}", files=image, data={"note": "seen by dr. x"}, timeout=60)
+    assert note.status_code == 200, note.text
+    big = requests.post(f"{server}{endpoint}", files=image, data={"note": "x" * 2**19}, timeout=60)
+    assert_error(big, 413, words="non-file form field")
+    assert_alive(server, study)
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/predict", "/v1/explain"])
@@ -586,5 +603,5 @@ def test_serve_app_builder_takes_serve_run_arguments(study):
     app = serve_app.app({"study_dir": str(study), "replicas": "auto", "max_batch_size": "4",
                          "allowed_hosts": "xray.internal,pacs.internal", "upload_timeout_s": "10"})
     assert isinstance(app, serve.Application)
-    with pytest.raises(FileNotFoundError, match="no best.json"):
+    with pytest.raises(FileNotFoundError, match="not a study directory"):
         serve_app.app({"study_dir": str(study / "images")})
