@@ -310,7 +310,7 @@ def test_corrupt_file_is_skipped_and_listed(make_kaggle_tree, tmp_path, capsys):
 
 
 def test_cache_size_is_validated(kaggle_tree, tmp_path):
-    with pytest.raises(DataError, match="size 8"):
+    with pytest.raises(DataError, match=r"image size must be in 16\.\.1024 \(got 8\)"):
         data.build_cache(listed(kaggle_tree), 8, cache_root=tmp_path, workers=1, progress=False)
 
 
@@ -477,7 +477,7 @@ def test_synthetic_patients_and_classes():
 
 
 def test_synthetic_source_cache_matches_render(tmp_path):
-    source = data.list_source("synthetic", synthetic_images=24, synthetic_seed=2)
+    source = data.list_source("synthetic", synthetic=synthetic.SyntheticSet(images=24, seed=2))
     cache = data.build_cache(source, SIZE, cache_root=tmp_path, workers=1, progress=False)
     items = synthetic.listing(24, 2)
     assert list(cache.index["item"]) == [it.name for it in items]
