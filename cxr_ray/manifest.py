@@ -100,8 +100,7 @@ def read_table(uri: str) -> pd.DataFrame:
         if uri.lower().endswith((".parquet", ".pq")):
             table = pd.read_parquet(io.BytesIO(raw))
             return table.astype(object).where(table.notna(), "").astype(str)
-        return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False,
-                           compression="gzip" if uri.lower().endswith(".gz") else None)
+        return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)  # storage un-gzips .gz itself
     except (ValueError, OSError, pd.errors.ParserError) as e:  # pyarrow's and pandas' parse errors
         raise ManifestError(f"{uri}: not a readable {'Parquet' if uri.lower().endswith(('.parquet', '.pq')) else 'CSV'} "
                             f"table ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
