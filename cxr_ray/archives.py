@@ -331,7 +331,8 @@ def convert(archive: str, root: str, out: str, *, uncertain: str = "exclude", vi
     if not os.path.isdir(root):
         raise ArchiveError(f"{root}: no such folder")
     root = os.path.abspath(root)
-    done = {"nih": nih, "rsna": rsna, "chexpert": chexpert, "mimic": mimic, "folders": folders}[archive](root, uncertain)
+    read = {"nih": nih, "rsna": rsna, "chexpert": chexpert, "mimic": mimic, "folders": folders}[archive]
+    done = read(root, uncertain)
     table = done.table
     if views:
         wanted = {v.strip().upper() for v in views}

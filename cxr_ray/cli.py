@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="archive", required=True, choices=("nih", "rsna", "chexpert", "mimic", "folders"),
                    help="the archive whose published label files to read")
     p.add_argument("path", help="the archive's folder (label files and images under it)")
-    p.add_argument("-o", "--out", required=True, help="manifest to write (.csv, or .parquet); its sidecar goes to OUT.json")
+    p.add_argument("-o", "--out", required=True,
+                   help="manifest to write (.csv, or .parquet); its sidecar goes to OUT.json")
     p.add_argument("--uncertain", choices=("exclude", "positive", "negative"), default="exclude",
                    help="CheXpert/MIMIC uncertain (-1) Pneumonia labels: left out (default), or read as positive or "
                         "negative")

@@ -42,9 +42,11 @@ IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png"}
 CACHE_VERSION = 2  # bump when decoding or geometry changes (2: crop before resize, libjpeg-turbo)
 SYNTHETIC_DEFAULT_IMAGES = 1200
 MAX_IMAGE_SIZE = 1024
-# What the cache adds to a listing's items; every other column but the core ones is metadata.
+# Every listing's items start with the core columns; the cache adds the decoded ones; split.csv and the
+# overlap audit add theirs. Any other column is metadata (site, sex, age, view, ...).
 CORE_COLUMNS = ("item", "label", "patient", "patient_parsed", "source_split")
 DECODED_COLUMNS = ("sha1", "width", "height")
+RESERVED_COLUMNS = CORE_COLUMNS + DECODED_COLUMNS + ("split", "reason", "same_bytes", "shared_patient")
 
 _PATIENT_PATTERNS = [
     re.compile(r"^(person\d+)_"),  # person1180_virus_2010_1.jpeg
@@ -67,8 +69,7 @@ def check_image_size(size: int, where: str = "image size") -> None:
 
 def metadata_columns(table: pd.DataFrame) -> list[str]:
     """The columns of an item table that describe images beyond label and patient (site, sex, age, ...)."""
-    from .manifest import RESERVED
-    return [c for c in table.columns if c not in RESERVED]
+    return [c for c in table.columns if c not in RESERVED_COLUMNS]
 
 
 def parse_patient(filename: str) -> str | None:
@@ -504,9 +505,9 @@ def make_split(index: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction
         if name == "train":  # nothing ranks below train: its patients' other images may join it
             df.loc[linked, "split"] = "train"
         else:
+            given_by = "official" if binding == ("test",) else "pre-assigned"
             df.loc[linked, ["split", "reason"]] = ["excluded", f"shares a patient or identical bytes with the "
-                                                               f"{'official' if binding == ('test',) else 'pre-assigned'}"
-                                                               f" {name} split"]
+                                                               f"{given_by} {name} split"]
     fractions = {s: f for s, f in (("test", test_fraction), ("val", val_fraction)) if s not in kept}
     if sum(fractions.values()) >= 1:
         raise DataError(f"val_fraction + test_fraction must be < 1, got {sum(fractions.values())}")
@@ -773,8 +774,8 @@ def prepare(kind: str, path: str | None, size: int, out: str | Path | None = Non
     (read as ``manifest``, a ManifestFormat, says) keeps its pre-assigned splits."""
     source = list_source(kind, path, synthetic=SyntheticSet(synthetic_images, synthetic_seed), manifest=manifest)
     binding = SPLITS if kind == "manifest" else ("test",)
-    if use_official_test:
-        check_assigned(source, binding)
+    if kind == "manifest" and use_official_test:
+        check_assigned(source)
     cache = build_cache(source, size, cache_root, strict=strict, progress=progress)
     split = make_split(cache.index, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                        use_official_test=use_official_test, binding=binding)
@@ -789,10 +790,10 @@ def prepare(kind: str, path: str | None, size: int, out: str | Path | None = Non
     return Prepared(cache, split, split_indices(split, cache), report, publish_to)
 
 
-def check_assigned(source: Source, binding: tuple[str, ...]) -> None:
-    """Before decoding: a pre-assigned validation or test split must hold both classes."""
+def check_assigned(source: Source) -> None:
+    """Before decoding: a manifest's pre-assigned validation or test split must hold both classes."""
     for name in ("val", "test"):
         given = source.items.loc[source.items["source_split"] == name, "label"]
-        if name in binding and source.kind == "manifest" and len(given) and given.nunique() < 2:
+        if len(given) and given.nunique() < 2:
             raise DataError(f"{source.path}: the pre-assigned {name} split holds {len(given)} image(s), all "
                             f"{CLASSES[int(given.iat[0])]}; it needs both classes")

@@ -38,15 +38,12 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from . import storage
-from .data import SPLITS, DataError
+from .data import RESERVED_COLUMNS, SPLITS, DataError
 
 ROLES = ("path", "label", "patient", "split", "site")
 REQUIRED = ("path", "label", "patient")
 PATIENT_IS_IMAGE = "image"  # columns: {patient: image}: no patient ids, an image-level split
 UNASSIGNED = "pool"  # source_split of a row without a pre-assigned split
-# Names the cache index, split.csv and the overlap audit use themselves: a metadata column may not take them.
-RESERVED = ("item", "label", "patient", "patient_parsed", "source_split", "sha1", "width", "height", "split",
-            "reason", "same_bytes", "shared_patient")
 
 
 class ManifestError(DataError):
@@ -102,8 +99,9 @@ def read_table(uri: str) -> pd.DataFrame:
             return table.astype(object).where(table.notna(), "").astype(str)
         return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)  # storage un-gzips .gz itself
     except (ValueError, OSError, pd.errors.ParserError) as e:  # pyarrow's and pandas' parse errors
-        raise ManifestError(f"{uri}: not a readable {'Parquet' if uri.lower().endswith(('.parquet', '.pq')) else 'CSV'} "
-                            f"table ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        kind = "Parquet" if uri.lower().endswith((".parquet", ".pq")) else "CSV"
+        raise ManifestError(f"{uri}: not a readable {kind} table "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _row_namer(uri: str):
@@ -278,10 +276,10 @@ def load(uri: str, fmt: ManifestFormat | None = None) -> Listing:
 
     # metadata columns
     metadata = [c for c in table.columns if c not in set(cols.values())]
-    clash = [c for c in metadata if c in RESERVED]
+    clash = [c for c in metadata if c in RESERVED_COLUMNS]
     if clash:
-        raise ManifestError(f"{uri}, column {clash[0]!r}: the name is reserved ({', '.join(RESERVED)}); rename the "
-                            "column, or name it in columns: if it holds a role")
+        raise ManifestError(f"{uri}, column {clash[0]!r}: the name is reserved ({', '.join(RESERVED_COLUMNS)}); "
+                            "rename the column, or name it in columns: if it holds a role")
 
     stats = _file_stats([locations[i] for i in kept], lambda j: row(kept[j]), cols["path"], [paths[i] for i in kept])
     digest = hashlib.sha1()

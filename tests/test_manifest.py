@@ -5,7 +5,6 @@ tables written in each archive's published layout, and a study run end to end fr
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -15,6 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import CLI, encode, synthetic_pixels
+from test_data import assert_no_leak
 from cxr_ray import archives, cli, data, imaging, manifest, synthetic
 from cxr_ray.manifest import ManifestError, ManifestFormat
 
@@ -46,14 +46,6 @@ def table_at(folder: Path, table: pd.DataFrame, name: str = "manifest.csv") -> s
 @pytest.fixture
 def images(tmp_path) -> pd.DataFrame:
     return write_images(tmp_path)
-
-
-def assert_no_patient_on_two_sides(split: pd.DataFrame) -> None:
-    used = split[split["split"] != "excluded"]
-    for key in ("patient", "sha1"):
-        members = {name: set(g[key]) for name, g in used.groupby("split")}
-        for a, b in itertools.combinations(sorted(members), 2):
-            assert not members[a] & members[b], f"{key} in {a} and {b}"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -198,7 +190,7 @@ def test_the_patient_level_split_holds_for_manifests(tmp_path):
                                 cache_root=tmp_path / "cache", progress=False)
         split = prepared.split
         assert set(split["split"]) == {"train", "val", "test"}
-        assert_no_patient_on_two_sides(split)
+        assert_no_leak(split)
         data.check_split(split)
 
 
@@ -223,7 +215,7 @@ def test_pre_assigned_splits_are_respected(tmp_path):
     assert split.at[table.at[stray_train, "path"], "split"] == "train"
     carved = split[given.reindex(split.index).eq("").to_numpy()]
     assert set(carved["split"]) - {"excluded"} == {"train", "val"}  # test was given: only val is carved
-    assert_no_patient_on_two_sides(prepared.split)
+    assert_no_leak(prepared.split)
     # use_official_test: false ignores the pre-assignment and carves every split
     free = data.prepare("manifest", table_at(tmp_path, table), SIZE, None, cache_root=tmp_path / "cache",
                         use_official_test=False, progress=False).split
@@ -593,7 +585,7 @@ def test_folders_and_the_kaggle_layout(kaggle_tree, tmp_path):
     split["item"] = split["item"].map({v: k for k, v in item.items()})
     assert set(split.loc[split["split"] == "test", "item"]) == kaggle_tree.test_items
     assert set(split.loc[split["split"] == "excluded", "item"]) == kaggle_tree.excluded
-    assert_no_patient_on_two_sides(split)
+    assert_no_leak(split)
 
 
 @pytest.mark.parametrize("archive, needs", [("nih", "Data_Entry_2017"), ("rsna", "stage_2_train_labels.csv"),
@@ -649,7 +641,7 @@ def test_a_study_runs_end_to_end_from_manifests_with_the_cache_memory_mapped(tmp
     assert "every worker memory-maps" in run.stdout
     sdir = tmp_path / "study"
     split = pd.read_csv(sdir / "split.csv")
-    assert_no_patient_on_two_sides(split)
+    assert_no_leak(split)
     given = site_a.set_index("path")["split"]
     assert set(split.loc[split["split"] == "test", "item"]) == set(given.index[given == "test"])
     assert {"site", "sex", "age", "view"} <= set(split.columns)
