@@ -9,19 +9,21 @@ age, view) and a pre-assigned test split, then, in this process and on the same 
   baseline   data.list_source("kaggle", folder) + build_cache: the folder source over the same
              images, the decode path bench_decode.py measures on real JPEGs
 
-and the same manifest preparation at N/4 images, to show whether memory grows with the count.
-Memory is sampled every 50 ms over this process and its decoder pool: anonymous memory (heap:
-listing, tables, results in flight; what the cache array does not account for) and total RSS
-(which also counts the memory-mapped cache pages written so far). Figures only: nothing here
-asserts on time or memory.
+each --repeat times, interleaved (so background load hits both alike), each into a fresh cache;
+then the manifest preparation at N/4 images, to show whether memory grows with the count. Memory is
+sampled every 50 ms over this process and its decoder pool: anonymous memory (heap: listing, tables,
+results in flight; what the cache array does not account for) and total RSS (which also counts the
+memory-mapped cache pages written so far). Figures only: nothing here asserts on time or memory.
+With --dir the generated images are kept there and reused by the next run.
 
-    .venv/bin/python benchmarks/bench_manifest.py [--images 100000] [--size 64] [--workers N]
+    .venv/bin/python benchmarks/bench_manifest.py [--images 100000] [--size 64] [--repeat 2] [--dir DIR]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -41,7 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images", type=int, default=100_000, help="rows of the manifest (default 100000)")
     p.add_argument("--size", type=int, default=64, help="side of the generated images and of the cache (default 64)")
     p.add_argument("--workers", type=int, default=None, help="decoder pool size (default: all cores)")
-    p.add_argument("--dir", help="work folder (default: a temporary one, removed afterwards)")
+    p.add_argument("--repeat", type=int, default=2, help="runs of each N-image variant, interleaved (default 2)")
+    p.add_argument("--dir", help="work folder, kept for the next run (default: a temporary one, removed afterwards)")
     return p.parse_args()
 
 
@@ -67,8 +70,12 @@ def _write_chunk(args) -> None:
 
 
 def write_dataset(root: Path, n: int, size: int, workers: int) -> Path:
-    """N PNG files and manifest.csv under ``root``; returns the manifest's path."""
+    """N PNG files and manifest.csv under ``root`` (reused when a run wrote them before); returns
+    the manifest's path."""
     from cxr_ray import synthetic
+    done = root / f"complete-{n}-{size}"
+    if done.exists():
+        return root / "manifest.csv"
     items = synthetic.listing(n, 0)
     for cls in ("NORMAL", "PNEUMONIA"):
         (root / cls).mkdir(parents=True, exist_ok=True)
@@ -84,6 +91,7 @@ def write_dataset(root: Path, n: int, size: int, workers: int) -> Path:
                           "sex": [it.sex for it in items], "age": [it.age for it in items],
                           "view": [it.view for it in items]})
     table.to_csv(root / "manifest.csv", index=False)
+    done.touch()
     return root / "manifest.csv"
 
 
@@ -189,24 +197,42 @@ def main() -> int:
             for f in folder.rglob("*.png"):
                 f.read_bytes()
 
-        runs = {"manifest, N/4": prepare_manifest(small, args.size, work / "cache", args.workers),
-                "manifest, N": prepare_manifest(big, args.size, work / "cache", args.workers),
-                "folder source, N (baseline)": baseline_folder(work / "big", args.size, work / "cache-baseline",
-                                                              args.workers)}
+        timed: dict[str, list[dict]] = {"manifest": [], "folder source (baseline)": []}
+        for r in range(args.repeat):
+            for name in timed:
+                cache = work / f"cache-{name.split()[0]}-{r}"
+                shutil.rmtree(cache, ignore_errors=True)
+                timed[name].append(prepare_manifest(big, args.size, cache, args.workers) if name == "manifest"
+                                   else baseline_folder(work / "big", args.size, cache, args.workers))
+                shutil.rmtree(cache, ignore_errors=True)
+                last = timed[name][-1]
+                print(f"  rep {r + 1} {name}: decode {last['rows'] / last['decode_s']:.0f} images/s", flush=True)
+        shutil.rmtree(work / "cache-small", ignore_errors=True)
+        small_run = prepare_manifest(small, args.size, work / "cache-small", args.workers)
+        shutil.rmtree(work / "cache-small", ignore_errors=True)
+
+        def median(name, key):
+            return statistics.median(r[key] for r in timed[name])
+
         print()
-        for name, r in runs.items():
-            line = (f"{name:<28} {r['rows']:>7} rows  list+check {r['list_s']:6.1f} s ({r['rows'] / r['list_s']:8.0f} "
-                    f"rows/s)  decode {r['decode_s']:6.1f} s ({r['rows'] / r['decode_s']:6.0f} images/s, "
-                    f"{r['rows'] / r['decode_s'] / workers:5.0f} per core)  total {r['total_s']:6.1f} s")
-            if "anon_mib" in r:
-                line += (f"\n{'':<28} cache array {r['array_mib']:7.0f} MiB; peak beyond it (anonymous memory of "
-                         f"the process and its pool) {r['anon_mib']:6.0f} MiB; peak RSS {r['rss_mib']:6.0f} MiB")
+        for name, runs in timed.items():
+            rows = runs[0]["rows"]
+            line = (f"{name:<26} {rows:>7} rows  list+check {median(name, 'list_s'):6.1f} s "
+                    f"({rows / median(name, 'list_s'):7.0f} rows/s)  decode {median(name, 'decode_s'):6.1f} s "
+                    f"({rows / median(name, 'decode_s'):5.0f} images/s, {rows / median(name, 'decode_s') / workers:4.0f} "
+                    f"per core)  total {median(name, 'total_s'):6.1f} s  (medians of {len(runs)})")
             print(line)
-        m, s, b = runs["manifest, N"], runs["manifest, N/4"], runs["folder source, N (baseline)"]
-        print(f"\nratio manifest / folder source, decode images/s: {b['decode_s'] / m['decode_s']:.2f}x; "
-              f"whole preparation: {b['total_s'] / m['total_s']:.2f}x (the manifest also checks, splits and reports)")
-        print(f"memory beyond the array, N vs N/4: {m['anon_mib']:.0f} vs {s['anon_mib']:.0f} MiB "
-              f"(x{m['anon_mib'] / max(s['anon_mib'], 1):.2f} for x{m['rows'] / s['rows']:.0f} the images; "
+        for label, r in (("manifest, N", max(timed["manifest"], key=lambda r: r["anon_mib"])),
+                         ("manifest, N/4", small_run)):
+            print(f"{label:<14} {r['rows']:>7} rows: cache array {r['array_mib']:5.0f} MiB; peak beyond it (anonymous "
+                  f"memory of the process and its pool) {r['anon_mib']:5.0f} MiB; peak RSS {r['rss_mib']:5.0f} MiB")
+        m, b = "manifest", "folder source (baseline)"
+        print(f"\nratio manifest / folder source, decode images/s: {median(b, 'decode_s') / median(m, 'decode_s'):.2f}x; "
+              f"whole preparation: {median(b, 'total_s') / median(m, 'total_s'):.2f}x (the manifest also checks, "
+              "splits and reports)")
+        big_anon = max(r["anon_mib"] for r in timed["manifest"])
+        print(f"memory beyond the array, N vs N/4: {big_anon:.0f} vs {small_run['anon_mib']:.0f} MiB "
+              f"(x{big_anon / max(small_run['anon_mib'], 1):.2f} for x{args.images / small_n:.0f} the images; "
               f"target < 2048 MiB)")
         print(f"at end: {machine()}  (other work on the machine lowers every figure; compare rows of one run)")
     finally:

@@ -237,6 +237,7 @@ def list_source(kind: str, path: str | None = None, *, synthetic: SyntheticSet |
         return list_synthetic(synthetic or SyntheticSet())
     if not path:
         raise DataError(f"source {kind!r} needs a path (--path)")
+    path = path if storage.is_remote(path) else os.path.expanduser(path)
     if kind == "manifest":
         return list_manifest(path, manifest)
     if not os.path.exists(path):
@@ -347,7 +348,8 @@ def build_cache(source: Source, size: int, cache_root: str | Path | None = None,
     Corrupt files are skipped and listed in ``errors.csv`` (or raise DataError if ``strict``).
     """
     check_image_size(size)
-    directory = Path(cache_root or default_cache_root()) / f"{source.kind}-{size}px-{cache_key(source, size)}"
+    root = Path(cache_root or default_cache_root()).expanduser().absolute()  # workers chdir elsewhere
+    directory = root / f"{source.kind}-{size}px-{cache_key(source, size)}"
     if (directory / "index.csv").exists():
         errors = pd.read_csv(directory / "errors.csv") if (directory / "errors.csv").exists() else None
         if strict and errors is not None and len(errors):

@@ -112,11 +112,10 @@ def _row_namer(uri: str):
 
 
 def _resolve(paths: list[str], base: str, root: str | None, row, column: str) -> list[str]:
-    """Absolute path or URI of each cell; with ``root``, refuse a path that leaves it."""
+    """Absolute path or URI of each cell (relative ones from ``base``); with ``root`` (absolute or a
+    URI), refuse a path that leaves it."""
     out = []
-    root_norm = None
-    if root is not None:
-        root_norm = root.rstrip("/") if storage.is_remote(root) else os.path.normpath(os.path.abspath(root))
+    root_norm = root.rstrip("/") if root is not None and storage.is_remote(root) else root
     for i, p in enumerate(paths):
         if storage.is_remote(p):
             location = p
@@ -176,51 +175,25 @@ def _file_stats(locations: list[str], row, column: str, paths: list[str]) -> lis
 def load(uri: str, fmt: ManifestFormat | None = None) -> Listing:
     """Read and check a manifest (see the module docstring); nothing is decoded."""
     fmt = fmt or ManifestFormat()
+    root = fmt.root
+    if root is not None and not storage.is_remote(root):
+        root = os.path.abspath(os.path.expanduser(root))
     table = read_table(uri)
     row = _row_namer(uri)
     if not len(table):
         raise ManifestError(f"{uri}: the manifest has no rows")
     image_level = fmt.columns.get("patient") == PATIENT_IS_IMAGE
-    known = ", ".join(map(repr, table.columns))
-    cols = {}
-    for role in ROLES:
-        name = fmt.column(role)
-        if role == "patient" and image_level:
-            continue
-        if name in table.columns:
-            cols[role] = name
-        elif role == "patient":
-            raise ManifestError(f"{uri}: no patient column {name!r} (columns: {known}). Name the column that holds "
-                                "patient ids (columns: {patient: NAME}), or say columns: {patient: image} to treat "
-                                "every image as its own patient (an image-level split, stated in the report)")
-        elif role in REQUIRED or role in fmt.columns:
-            raise ManifestError(f"{uri}: no {role} column {name!r} (columns: {known})")
+    cols = _columns(table, fmt, uri, image_level)
+    labels = _labels(table[cols["label"]], fmt, row)
 
-    # labels
-    positive, negative = {label_text(v) for v in fmt.positive}, {label_text(v) for v in fmt.negative}
-    texts = table[cols["label"]].map(label_text)
-    labels = np.where(texts.isin(positive), 1, np.where(texts.isin(negative), 0, -1))
-    unknown = np.flatnonzero(labels < 0)
-    if len(unknown):
-        values = sorted(set(table[cols["label"]].iloc[unknown]))
-        i = unknown[0]
-        raise ManifestError(
-            f"{row(i)}, column {cols['label']!r}: label {table[cols['label']].iat[i]!r} is neither positive "
-            f"({', '.join(map(str, fmt.positive))}) nor negative ({', '.join(map(str, fmt.negative))}); "
-            f"{len(unknown)} row(s) in all, values {', '.join(repr(v) for v in values[:8])}"
-            + (" ..." if len(values) > 8 else "") + " (set positive/negative, or fix the rows)")
-
-    # paths
     paths = table[cols["path"]].str.strip().tolist()
     blank = [i for i, p in enumerate(paths) if not p]
     if blank:
         raise ManifestError(f"{row(blank[0])}, column {cols['path']!r}: blank path")
-    base = fmt.root or (storage.join(uri, "..") if storage.is_remote(uri) else os.path.dirname(os.path.abspath(uri)))
-    if storage.is_remote(base):
-        base = f"{base.split('://', 1)[0]}://{os.path.normpath('/' + base.split('://', 1)[1])[1:]}"
-    locations = _resolve(paths, base, fmt.root, row, cols["path"])
+    base = root or (uri.rsplit("/", 1)[0] if storage.is_remote(uri) else os.path.dirname(os.path.abspath(uri)))
+    locations = _resolve(paths, base, root, row, cols["path"])
 
-    # splits and patients, as text
+    split = pd.Series(UNASSIGNED, index=table.index)
     if "split" in cols:
         split = table[cols["split"]].str.strip().str.lower()
         bad = np.flatnonzero(~split.isin(SPLITS + ("",)).to_numpy())
@@ -228,53 +201,20 @@ def load(uri: str, fmt: ManifestFormat | None = None) -> Listing:
             raise ManifestError(f"{row(bad[0])}, column {cols['split']!r}: split {table[cols['split']].iat[bad[0]]!r} "
                                 f"is not one of {', '.join(SPLITS)} (or blank: carved by the study)")
         split = split.replace("", UNASSIGNED)
-    else:
-        split = pd.Series(UNASSIGNED, index=table.index)
-    patient = (pd.Series("", index=table.index) if image_level else table[cols["patient"]].str.strip())
+    patient = pd.Series("", index=table.index) if image_level else table[cols["patient"]].str.strip()
     if not image_level and (patient == "").all():
         raise ManifestError(f"{uri}, column {cols['patient']!r}: blank in every row. Fill in patient ids, or say "
                             "columns: {patient: image} for an image-level split (stated in the report)")
 
-    # the same image twice
-    notes = []
     frame = pd.DataFrame({"location": locations, "label": labels, "patient": patient, "split": split})
-    dup = frame.duplicated("location", keep=False).to_numpy()
-    if dup.any():
-        for key, role in (("label", "label"), ("patient", "patient"), ("split", "split")):
-            if role not in cols and key != "label":
-                continue
-            spread = frame[dup].groupby("location")[key].nunique()
-            conflicting = spread[spread > 1]
-            if len(conflicting):
-                rows = np.flatnonzero((frame["location"] == conflicting.index[0]).to_numpy())
-                raise ManifestError(f"{row(rows[1])}, column {cols[role]!r}: the same image as {row(rows[0])} "
-                                    f"({paths[rows[0]]}) with another {role} ({table[cols[role]].iat[rows[1]]!r} vs "
-                                    f"{table[cols[role]].iat[rows[0]]!r}); {len(conflicting)} image(s) listed with "
-                                    f"conflicting {role}s")
-        first = ~frame.duplicated("location", keep="first").to_numpy()
-        notes.append(f"{int((~first).sum())} repeated row(s) of the same image with the same label left out")
-    else:
-        first = np.ones(len(frame), bool)
-
-    # a patient in two pre-assigned splits
-    assigned = frame[first & (split != UNASSIGNED).to_numpy() & (patient != "").to_numpy()]
-    spread = assigned.groupby("patient")["split"].nunique()
-    if (spread > 1).any():
-        who = spread[spread > 1].index[0]
-        rows = assigned.index[assigned["patient"] == who]
-        other = next(r for r in rows if assigned.at[r, "split"] != assigned.at[rows[0], "split"])
-        raise ManifestError(f"{row(other)}, column {cols['split']!r}: patient {who!r} is pre-assigned to "
-                            f"{assigned.at[other, 'split']} here and to {assigned.at[rows[0], 'split']} at "
-                            f"{row(rows[0])}; {int((spread > 1).sum())} patient(s) span two pre-assigned splits")
-
+    first, notes = _repeats(frame, table, cols, row, paths)
+    _check_assigned_patients(frame[first], cols, row)
     kept = np.flatnonzero(first)
     if len(set(labels[kept])) < 2:
         only = "positive" if labels[kept[0]] == 1 else "negative"
         raise ManifestError(f"{uri}, column {cols['label']!r}: every image is {only}; a classifier needs images of "
                             f"both classes (positive: {', '.join(map(str, fmt.positive))}; negative: "
                             f"{', '.join(map(str, fmt.negative))})")
-
-    # metadata columns
     metadata = [c for c in table.columns if c not in set(cols.values())]
     clash = [c for c in metadata if c in RESERVED_COLUMNS]
     if clash:
@@ -296,11 +236,79 @@ def load(uri: str, fmt: ManifestFormat | None = None) -> Listing:
     if image_level:
         notes.append("patient: image: every image is its own patient, so the split is image-level (images of one "
                      "patient can land on both sides of it)")
-    else:
-        unknown_patients = int(items["patient"].isna().sum())
-        if unknown_patients:
-            notes.append(f"{unknown_patients} image(s) with a blank {cols['patient']!r}: each is its own patient")
+    elif items["patient"].isna().any():
+        notes.append(f"{int(items['patient'].isna().sum())} image(s) with a blank {cols['patient']!r}: each is its "
+                     "own patient")
     return Listing(items, [locations[i] for i in kept], notes + sidecar_notes(uri), digest.hexdigest(), image_level)
+
+
+def _columns(table: pd.DataFrame, fmt: ManifestFormat, uri: str, image_level: bool) -> dict[str, str]:
+    """role -> column name, for the roles the table has; refuses a required or named role it lacks."""
+    known = ", ".join(map(repr, table.columns))
+    cols = {}
+    for role in ROLES:
+        name = fmt.column(role)
+        if role == "patient" and image_level:
+            continue
+        if name in table.columns:
+            cols[role] = name
+        elif role == "patient":
+            raise ManifestError(f"{uri}: no patient column {name!r} (columns: {known}). Name the column that holds "
+                                "patient ids (columns: {patient: NAME}), or say columns: {patient: image} to treat "
+                                "every image as its own patient (an image-level split, stated in the report)")
+        elif role in REQUIRED or role in fmt.columns:
+            raise ManifestError(f"{uri}: no {role} column {name!r} (columns: {known})")
+    return cols
+
+
+def _labels(cells: pd.Series, fmt: ManifestFormat, row) -> np.ndarray:
+    """1 for a positive value, 0 for a negative one; anything else (blank included) is refused."""
+    positive, negative = {label_text(v) for v in fmt.positive}, {label_text(v) for v in fmt.negative}
+    texts = cells.map(label_text)
+    labels = np.where(texts.isin(positive), 1, np.where(texts.isin(negative), 0, -1))
+    unknown = np.flatnonzero(labels < 0)
+    if len(unknown):
+        values = sorted(set(cells.iloc[unknown]))
+        raise ManifestError(
+            f"{row(unknown[0])}, column {cells.name!r}: label {cells.iat[unknown[0]]!r} is neither positive "
+            f"({', '.join(map(str, fmt.positive))}) nor negative ({', '.join(map(str, fmt.negative))}); "
+            f"{len(unknown)} row(s) in all, values {', '.join(repr(v) for v in values[:8])}"
+            + (" ..." if len(values) > 8 else "") + " (set positive/negative, or fix the rows)")
+    return labels
+
+
+def _repeats(frame: pd.DataFrame, table: pd.DataFrame, cols: dict, row, paths: list[str]) -> tuple[np.ndarray, list]:
+    """Which rows to keep: an image listed twice must say the same label, patient and split each
+    time (else one error naming both rows), and is then kept once."""
+    repeated = frame.duplicated("location", keep=False).to_numpy()
+    if not repeated.any():
+        return np.ones(len(frame), bool), []
+    for role in ("label", "patient", "split"):
+        if role not in cols:
+            continue
+        spread = frame[repeated].groupby("location")[role].nunique()
+        conflicting = spread[spread > 1]
+        if len(conflicting):
+            rows = np.flatnonzero((frame["location"] == conflicting.index[0]).to_numpy())
+            raise ManifestError(f"{row(rows[1])}, column {cols[role]!r}: the same image as {row(rows[0])} "
+                                f"({paths[rows[0]]}) with another {role} ({table[cols[role]].iat[rows[1]]!r} vs "
+                                f"{table[cols[role]].iat[rows[0]]!r}); {len(conflicting)} image(s) listed with "
+                                f"conflicting {role}s")
+    first = ~frame.duplicated("location", keep="first").to_numpy()
+    return first, [f"{int((~first).sum())} repeated row(s) of the same image with the same label left out"]
+
+
+def _check_assigned_patients(frame: pd.DataFrame, cols: dict, row) -> None:
+    """No patient may be pre-assigned to two splits (a blank row of a patient is not an assignment)."""
+    assigned = frame[(frame["split"] != UNASSIGNED) & (frame["patient"] != "")]
+    spread = assigned.groupby("patient")["split"].nunique()
+    if (spread > 1).any():
+        who = spread[spread > 1].index[0]
+        rows = assigned.index[assigned["patient"] == who]
+        other = next(r for r in rows if assigned.at[r, "split"] != assigned.at[rows[0], "split"])
+        raise ManifestError(f"{row(other)}, column {cols['split']!r}: patient {who!r} is pre-assigned to "
+                            f"{assigned.at[other, 'split']} here and to {assigned.at[rows[0], 'split']} at "
+                            f"{row(rows[0])}; {int((spread > 1).sum())} patient(s) span two pre-assigned splits")
 
 
 def _typed(values: pd.Series) -> pd.Series:
