@@ -11,7 +11,7 @@ age, view) and a pre-assigned test split, then, in this process and on the same 
 
 each --repeat times, interleaved (so background load hits both alike), each into a fresh cache;
 then the manifest preparation at N/4 images, to show whether memory grows with the count. Memory is
-sampled every 50 ms over this process and its decoder pool: anonymous memory (heap: listing, tables,
+sampled every 100 ms (for both variants alike) over this process and its decoder pool: anonymous memory (heap: listing, tables,
 results in flight; what the cache array does not account for) and total RSS (which also counts the
 memory-mapped cache pages written so far). Figures only: nothing here asserts on time or memory.
 With --dir the generated images are kept there and reused by the next run.
@@ -108,19 +108,17 @@ def _kib(pid: int, field: str) -> int:
 
 
 def _family(pid: int) -> list[int]:
-    """This process and every descendant (the decoder pool)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
+    """This process and its descendants (the decoder pool), from /proc/PID/task/TID/children: a few
+    small reads, not a scan of every process on the machine (which would itself eat a core)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        todo += children.get(p, [])
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in children.read_text().split()]
+            except OSError:
+                pass
     return out
 
 
@@ -138,7 +136,7 @@ class Sampler:
             family = _family(me)
             self.peak_anon = max(self.peak_anon, sum(_kib(p, "RssAnon") for p in family))
             self.peak_rss = max(self.peak_rss, sum(_kib(p, "VmRSS") for p in family))
-            self._stop.wait(0.05)
+            self._stop.wait(0.1)
 
     def __enter__(self):
         self.before_anon = _kib(os.getpid(), "RssAnon")
@@ -175,10 +173,13 @@ def baseline_folder(root: Path, size: int, cache: Path, workers: int | None) -> 
     t0 = time.perf_counter()
     source = data.list_source("kaggle", str(root))
     t_list = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    data.build_cache(source, size, cache, workers=workers, progress=False)
-    return {"rows": len(source.items), "list_s": t_list, "decode_s": time.perf_counter() - t1,
-            "total_s": time.perf_counter() - t0}
+    with Sampler() as mem:
+        t1 = time.perf_counter()
+        cached = data.build_cache(source, size, cache, workers=workers, progress=False)
+        t_decode = time.perf_counter() - t1
+    return {"rows": len(source.items), "list_s": t_list, "decode_s": t_decode, "total_s": time.perf_counter() - t0,
+            "array_mib": cached.images.nbytes / 2**20, "anon_mib": (mem.peak_anon - mem.before_anon) / 1024,
+            "rss_mib": mem.peak_rss / 1024}
 
 
 def main() -> int:
@@ -223,7 +224,8 @@ def main() -> int:
                     f"per core)  total {median(name, 'total_s'):6.1f} s  (medians of {len(runs)})")
             print(line)
         for label, r in (("manifest, N", max(timed["manifest"], key=lambda r: r["anon_mib"])),
-                         ("manifest, N/4", small_run)):
+                         ("manifest, N/4", small_run),
+                         ("folder, N", max(timed["folder source (baseline)"], key=lambda r: r["anon_mib"]))):
             print(f"{label:<14} {r['rows']:>7} rows: cache array {r['array_mib']:5.0f} MiB; peak beyond it (anonymous "
                   f"memory of the process and its pool) {r['anon_mib']:5.0f} MiB; peak RSS {r['rss_mib']:5.0f} MiB")
         m, b = "manifest", "folder source (baseline)"
