@@ -174,6 +174,23 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, images, capsys):
     assert err.startswith("error: ") and "line 4, column 'label'" in err and len(err.splitlines()) == 1
 
 
+def test_evaluate_and_calibrate_read_a_manifest_as_the_command_line_says():
+    """--source manifest with --column, --positive, --negative and --root reach the labelled set."""
+    args = cli.build_parser().parse_args(
+        ["calibrate", "/s", "--name", "siteB", "--source", "manifest", "--path", "b.parquet", "--split", "test",
+         "--column", "label=Target", "--column", "patient=image", "--positive", "yes", "--negative", "no",
+         "--root", "/imgs"])
+    ext = cli._labelled_set(args, "siteB")
+    assert (ext.source, ext.path, ext.split) == ("manifest", "b.parquet", "test")
+    assert ext.manifest_format == ManifestFormat({"label": "Target", "patient": "image"}, ("yes",), ("no",), "/imgs")
+    plain = cli.build_parser().parse_args(["evaluate", "/s", "--external", "b=b.csv", "--source", "manifest"])
+    plain.path = "b.csv"  # as cmd_evaluate takes it from --external
+    assert cli._labelled_set(plain, "b").manifest_format == ManifestFormat()
+    with pytest.raises(SystemExit) as code:
+        cli.main(["data", "check", "--source", "manifest", "--path", "x.csv", "--column", "label"])
+    assert code.value.code == 2
+
+
 # ----------------------------------------------------------------------------- patients and splits
 
 def test_the_patient_level_split_holds_for_manifests(tmp_path):
