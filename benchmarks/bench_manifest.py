@@ -4,10 +4,10 @@ Writes N small generated PNG films (default 100,000, 64 px, unique bytes each, 1
 patient) in NORMAL/ and PNEUMONIA/ folders and a manifest listing them with metadata (site, sex,
 age, view) and a pre-assigned test split, then, in this process and on the same files:
 
-  manifest   data.prepare("manifest", ...) as `cxr-ray data prepare` runs it: read and check the
-             table (every file's existence), decode into the memory-mapped cache, split, report
-  baseline   data.list_source("kaggle", folder) + build_cache: the folder source over the same
-             images, the decode path bench_decode.py measures on real JPEGs
+  manifest   as `cxr-ray data prepare --source manifest` runs it: read and check the table (every
+             file's existence), decode into the memory-mapped cache, split, report
+  baseline   the same steps for the folder source over the same images (`--source kaggle`), the
+             decode path bench_decode.py measures on real JPEGs
 
 each --repeat times, interleaved (so background load hits both alike), each into a fresh cache;
 then the manifest preparation at N/4 images, to show whether memory grows with the count. Memory is
@@ -150,34 +150,21 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- measurements
 
-def prepare_manifest(path: Path, size: int, cache: Path, workers: int | None) -> dict:
+def prepare(kind: str, path: Path, size: int, cache: Path, workers: int | None) -> dict:
+    """One source prepared as data.prepare does it: listed (and checked), decoded, split, reported."""
     from cxr_ray import data
     t0 = time.perf_counter()
-    source = data.list_source("manifest", str(path))
+    source = data.list_source(kind, str(path))
     t_list = time.perf_counter() - t0
     with Sampler() as mem:
         t1 = time.perf_counter()
         cached = data.build_cache(source, size, cache, workers=workers, progress=False)
         t_decode = time.perf_counter() - t1
-        split = data.make_split(cached.index, binding=data.SPLITS)
+        split = data.make_split(cached.index, binding=data.SPLITS if kind == "manifest" else ("test",))
         report = data.data_report(source, cached, None, split)
         t_all = time.perf_counter() - t0
     assert cached.images.shape == (len(source.items), size, size) and report["images"] == len(source.items)
     return {"rows": len(source.items), "list_s": t_list, "decode_s": t_decode, "total_s": t_all,
-            "array_mib": cached.images.nbytes / 2**20, "anon_mib": (mem.peak_anon - mem.before_anon) / 1024,
-            "rss_mib": mem.peak_rss / 1024}
-
-
-def baseline_folder(root: Path, size: int, cache: Path, workers: int | None) -> dict:
-    from cxr_ray import data
-    t0 = time.perf_counter()
-    source = data.list_source("kaggle", str(root))
-    t_list = time.perf_counter() - t0
-    with Sampler() as mem:
-        t1 = time.perf_counter()
-        cached = data.build_cache(source, size, cache, workers=workers, progress=False)
-        t_decode = time.perf_counter() - t1
-    return {"rows": len(source.items), "list_s": t_list, "decode_s": t_decode, "total_s": time.perf_counter() - t0,
             "array_mib": cached.images.nbytes / 2**20, "anon_mib": (mem.peak_anon - mem.before_anon) / 1024,
             "rss_mib": mem.peak_rss / 1024}
 
@@ -203,13 +190,13 @@ def main() -> int:
             for name in timed:
                 cache = work / f"cache-{name.split()[0]}-{r}"
                 shutil.rmtree(cache, ignore_errors=True)
-                timed[name].append(prepare_manifest(big, args.size, cache, args.workers) if name == "manifest"
-                                   else baseline_folder(work / "big", args.size, cache, args.workers))
+                timed[name].append(prepare("manifest", big, args.size, cache, args.workers) if name == "manifest"
+                                   else prepare("kaggle", work / "big", args.size, cache, args.workers))
                 shutil.rmtree(cache, ignore_errors=True)
                 last = timed[name][-1]
                 print(f"  rep {r + 1} {name}: decode {last['rows'] / last['decode_s']:.0f} images/s", flush=True)
         shutil.rmtree(work / "cache-small", ignore_errors=True)
-        small_run = prepare_manifest(small, args.size, work / "cache-small", args.workers)
+        small_run = prepare("manifest", small, args.size, work / "cache-small", args.workers)
         shutil.rmtree(work / "cache-small", ignore_errors=True)
 
         def median(name, key):
@@ -230,8 +217,8 @@ def main() -> int:
                   f"memory of the process and its pool) {r['anon_mib']:5.0f} MiB; peak RSS {r['rss_mib']:5.0f} MiB")
         m, b = "manifest", "folder source (baseline)"
         print(f"\nratio manifest / folder source, decode images/s: {median(b, 'decode_s') / median(m, 'decode_s'):.2f}x; "
-              f"whole preparation: {median(b, 'total_s') / median(m, 'total_s'):.2f}x (the manifest also checks, "
-              "splits and reports)")
+              f"whole preparation (list and check, decode, split, report): "
+              f"{median(b, 'total_s') / median(m, 'total_s'):.2f}x")
         big_anon = max(r["anon_mib"] for r in timed["manifest"])
         print(f"memory beyond the array, N vs N/4: {big_anon:.0f} vs {small_run['anon_mib']:.0f} MiB "
               f"(x{big_anon / max(small_run['anon_mib'], 1):.2f} for x{args.images / small_n:.0f} the images; "

@@ -87,20 +87,17 @@ def label_text(value) -> str:
 
 def read_table(uri: str) -> pd.DataFrame:
     """Every cell of a CSV (.csv, .csv.gz) or Parquet (.parquet, .pq) table as text, '' when blank."""
+    parquet = uri.lower().endswith((".parquet", ".pq"))
     try:
-        raw = storage.read_bytes(uri)
+        raw = io.BytesIO(storage.read_bytes(uri))  # storage un-gzips a .gz itself
+        if parquet:
+            table = pd.read_parquet(raw)
+            return table.astype(object).where(table.notna(), "").astype(str)
+        return pd.read_csv(raw, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise ManifestError(f"{uri}: no such manifest file") from None
-    except OSError as e:
-        raise ManifestError(f"{uri}: cannot read the manifest ({e})") from None
-    try:
-        if uri.lower().endswith((".parquet", ".pq")):
-            table = pd.read_parquet(io.BytesIO(raw))
-            return table.astype(object).where(table.notna(), "").astype(str)
-        return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)  # storage un-gzips .gz itself
-    except (ValueError, OSError, pd.errors.ParserError) as e:  # pyarrow's and pandas' parse errors
-        kind = "Parquet" if uri.lower().endswith((".parquet", ".pq")) else "CSV"
-        raise ManifestError(f"{uri}: not a readable {kind} table "
+    except (ValueError, OSError, pd.errors.ParserError) as e:  # unreadable, or pyarrow's and pandas' parse errors
+        raise ManifestError(f"{uri}: not a readable {'Parquet' if parquet else 'CSV'} table "
                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 

@@ -157,6 +157,14 @@ def test_every_bad_manifest_gets_one_error_naming_row_and_column_before_decoding
     assert {f: f.read_bytes() for f in before.dir.iterdir()} == files  # nothing already cached is lost
 
 
+def test_a_missing_or_unreadable_table_is_named(tmp_path):
+    with pytest.raises(ManifestError, match=r"nothing\.csv: no such manifest file"):
+        data.list_source("manifest", str(tmp_path / "nothing.csv"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ManifestError, match=r"broken\.parquet: not a readable Parquet table"):
+        data.list_source("manifest", str(tmp_path / "broken.parquet"))
+
+
 def test_a_repeated_row_of_the_same_image_is_listed_once(tmp_path, images):
     path = table_at(tmp_path, pd.concat([images, images.iloc[[5, 6]]], ignore_index=True))
     source = data.list_source("manifest", path)
