@@ -44,7 +44,6 @@ from __future__ import annotations
 import datetime
 import glob
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,12 +125,9 @@ def _observation(table: pd.DataFrame, column: str, policy: str, path: str) -> tu
     return text.map(known).to_numpy(), counts
 
 
-def _present(paths: list[str]) -> np.ndarray:
-    return np.array([os.path.isfile(p) for p in paths], dtype=bool)
-
-
 def _keep_present(table: pd.DataFrame, counts: dict, notes: list[str], where: str) -> pd.DataFrame:
-    present = _present(table["path"].tolist())
+    """The rows whose image is on disk; how many are not is counted and said."""
+    present = np.array([os.path.isfile(p) for p in table["path"]], dtype=bool)
     if not present.any():
         raise ArchiveError(f"{where}: none of the {len(table)} images the label files list was found (first: "
                            f"{table['path'].iat[0]})")
