@@ -23,21 +23,49 @@ def _parse_set(pairs: list[str]) -> dict:
     return out
 
 
+def _manifest_format(args):
+    """How to read a manifest, from --column ROLE=NAME, --positive, --negative and --root."""
+    from .manifest import ManifestFormat
+    columns = {}
+    for pair in args.column or []:
+        role, _, name = pair.partition("=")
+        if not name:
+            raise ConfigError(f"--column expects ROLE=NAME (e.g. label=Target, patient=image), got {pair!r}")
+        columns[role.strip()] = name.strip()
+    default = ManifestFormat()
+    return ManifestFormat(columns, tuple(args.positive or default.positive), tuple(args.negative or default.negative),
+                          args.root)
+
+
 def cmd_data_prepare(args) -> None:
     prepared = data.prepare(args.source, args.path, args.size, args.out, val_fraction=args.val_fraction,
                             test_fraction=args.test_fraction, seed=args.seed, cache_root=args.cache,
-                            strict=args.strict, synthetic_images=args.synthetic_images)
+                            strict=args.strict, synthetic_images=args.synthetic_images,
+                            manifest=_manifest_format(args))
     print(data.format_report(prepared.report))
     print(f"cache  {prepared.cache.dir}\nsplit  {os.path.join(args.out, 'split.csv')}")
 
 
 def cmd_data_check(args) -> None:
     prepared = data.prepare(args.source, args.path, args.size, None, seed=args.seed, cache_root=args.cache,
-                            synthetic_images=args.synthetic_images, progress=not args.json)
+                            synthetic_images=args.synthetic_images, manifest=_manifest_format(args),
+                            progress=not args.json)
     if args.json:
         print(json.dumps(prepared.report, indent=1))
     else:
         print(data.format_report(prepared.report))
+
+
+def cmd_data_manifest(args) -> None:
+    from . import archives
+    info = archives.convert(args.archive, args.path, args.out, uncertain=args.uncertain,
+                            views=args.views.split(",") if args.views else None)
+    c = info["counts"]
+    print(f"{args.out}: {c['images']} images of {c['patients']} patients ({c['negative']} NORMAL, {c['positive']} "
+          f"PNEUMONIA) from {args.archive} {info['source']}")
+    for note in info["notes"]:
+        print(f"note  {note}")
+    print(f"sidecar {args.out}.json; use it with: cxr-ray data check --source manifest --path {args.out}")
 
 
 def cmd_train(args) -> None:
@@ -49,7 +77,7 @@ def cmd_train(args) -> None:
     out = storage.normalize(args.out)
     os.makedirs(out, exist_ok=True)
     prepared = data.prepare(args.source, args.data, args.size, out, seed=args.seed, cache_root=args.cache,
-                            synthetic_images=args.synthetic_images)
+                            synthetic_images=args.synthetic_images, manifest=_manifest_format(args), publish_to=out)
     name = args.name or f"{cfg.backbone}-{cfg.image_size}px"
     run_dir = storage.join(out, name)
     runtime.connect(verbose=args.verbose, log_file=os.path.join(run_dir, "driver.log"))
@@ -94,8 +122,9 @@ def _labelled_set(args, name: str):
     from .spec import External, SpecError
     if args.source != "synthetic" and not args.path:
         raise SpecError(f"{name}: source {args.source} needs the path of its images")
+    fmt = _manifest_format(args)
     return External(name, args.source, args.path, args.split, args.synthetic_images, args.synthetic_seed,
-                    args.synthetic_shift)
+                    args.synthetic_shift, fmt.columns, list(fmt.positive), list(fmt.negative), fmt.root)
 
 
 def _study_spec(study_dir: str):
@@ -141,21 +170,35 @@ def cmd_serve(args) -> None:
 def _data_args(p, path_flag="--path"):
     p.add_argument("--source", choices=data.SOURCES, default="synthetic", help="data source (default: synthetic)")
     p.add_argument(path_flag, dest="path" if path_flag == "--path" else "data",
-                   help="Kaggle folder or .npz file (not needed for synthetic)")
+                   help="manifest table, Kaggle folder or .npz file (not needed for synthetic)")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--cache", help="decoded-image cache root (default: $CXR_RAY_CACHE or ~/.cache/cxr-ray)")
     p.add_argument("--synthetic-images", type=int, default=data.SYNTHETIC_DEFAULT_IMAGES)
+    _manifest_args(p)
+
+
+def _manifest_args(p) -> None:
+    p.add_argument("--column", action="append", metavar="ROLE=NAME",
+                   help="manifest: the column holding a role (path, label, patient, split, site), e.g. "
+                        "label='Finding Labels'; patient=image for no patient ids (an image-level split)")
+    p.add_argument("--positive", action="append", metavar="VALUE", help="manifest: a label value meaning "
+                   "pneumonia (repeatable; default 1 and PNEUMONIA)")
+    p.add_argument("--negative", action="append", metavar="VALUE", help="manifest: a label value meaning no "
+                   "pneumonia (repeatable; default 0 and NORMAL)")
+    p.add_argument("--root", help="manifest: relative image paths start here (default: the table's folder), and no "
+                   "path may leave it")
 
 
 def _labelled_args(p, path: bool) -> None:
     p.add_argument("--source", choices=data.SOURCES, default="kaggle", help="data source (default: kaggle)")
     if path:
-        p.add_argument("--path", help="folder of NORMAL/PNEUMONIA images, Kaggle layout, or npz")
-    p.add_argument("--split", help="only this split of a Kaggle layout or npz (default: every image)")
+        p.add_argument("--path", help="manifest table, folder of NORMAL/PNEUMONIA images, Kaggle layout, or npz")
+    p.add_argument("--split", help="only this split of a manifest, Kaggle layout or npz (default: every image)")
     p.add_argument("--synthetic-images", type=int, default=300)
     p.add_argument("--synthetic-seed", type=int, default=1)
     p.add_argument("--synthetic-shift", type=float, default=0.0,
                    help="synthetic source: another exposure and noise level (0: the training site's)")
+    _manifest_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="decode size used to verify every image")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_check)
+    p = d.add_parser("manifest", help="write a manifest from an archive's label files (NIH, RSNA, CheXpert, MIMIC, "
+                                      "folders)")
+    p.add_argument("--from", dest="archive", required=True, choices=("nih", "rsna", "chexpert", "mimic", "folders"),
+                   help="the archive whose published label files to read")
+    p.add_argument("path", help="the archive's folder (label files and images under it)")
+    p.add_argument("-o", "--out", required=True,
+                   help="manifest to write (.csv, or .parquet); its sidecar goes to OUT.json")
+    p.add_argument("--uncertain", choices=("exclude", "positive", "negative"), default="exclude",
+                   help="CheXpert/MIMIC uncertain (-1) Pneumonia labels: left out (default), or read as positive or "
+                        "negative")
+    p.add_argument("--views", help="keep only these views, comma-separated (e.g. PA,AP)")
+    p.set_defaults(func=cmd_data_manifest)
 
     p = sub.add_parser("train", help="fine-tune one configuration with Ray Train")
     _data_args(p, "--data")
@@ -214,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a finished study on an external set (nothing retrained)")
     p.add_argument("dir", help="study directory or URI")
     p.add_argument("--external", required=True, metavar="NAME=PATH",
-                   help="a name for the set and its folder of NORMAL/PNEUMONIA images (or Kaggle layout, or npz)")
+                   help="a name for the set and its manifest, folder of NORMAL/PNEUMONIA images, Kaggle layout or npz")
     _labelled_args(p, path=False)
     p.set_defaults(func=cmd_evaluate)
 

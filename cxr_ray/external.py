@@ -21,8 +21,7 @@ class ExternalError(CxrError, ValueError):
 
 def load_set(ext: specs.External, size: int, cache_root: str | None = None, progress: bool = False) -> data.Cache:
     """Decode a labelled set (every image, or one source split) at ``size`` into the cache."""
-    source = data.list_source(ext.source, ext.path, synthetic_images=ext.synthetic_images,
-                              synthetic_seed=ext.synthetic_seed, synthetic_shift=ext.synthetic_shift)
+    source = data.list_source(ext.source, ext.path, synthetic=ext.synthetic_set, manifest=ext.manifest_format)
     cache = data.build_cache(source, size, cache_root, progress=progress)
     if ext.split:
         keep = (cache.index["source_split"] == ext.split).to_numpy()
@@ -34,16 +33,20 @@ def load_set(ext: specs.External, size: int, cache_root: str | None = None, prog
 
 
 def audit(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: str | None = None):
-    """The set's cache and its overlap with the study's images (flags per image, and a summary)."""
-    cache = load_set(ext, spec.data.image_size, cache_root)
+    """The set's cache and its overlap with the study's images (flags per image, and a summary).
+    The set's index (items, labels, patients, metadata, flags) is kept as external/<name>/index.csv,
+    so what is scored there can be broken down by subgroup from the study directory alone."""
+    cache = load_set(ext, spec.data.image_size, cache_root or spec.data.cache)
     flagged, summary = data.audit_overlap(cache.index, storage.read_csv(storage.join(sdir, "split.csv"),
                                                                          dtype={"patient": str, "sha1": str}))
+    storage.write_csv(storage.join(sdir, "external", ext.name, "index.csv"), flagged)
     source = {"source": ext.source, "path": ext.path, "split": ext.split}
     if ext.source == "synthetic":
         source |= {"synthetic_images": ext.synthetic_images, "synthetic_seed": ext.synthetic_seed,
                    "synthetic_shift": ext.synthetic_shift}
     return cache, flagged, summary | {"name": ext.name, "set": source,
-                                      "classes": flagged["label"].value_counts().sort_index().to_dict()}
+                                      "classes": flagged["label"].value_counts().sort_index().to_dict(),
+                                      "composition": data.composition(flagged)}
 
 
 def score_checkpoints(sdir: str, checkpoints: dict, images: np.ndarray) -> dict:

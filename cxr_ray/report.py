@@ -281,6 +281,15 @@ def split_blocks(s: Study) -> list[Block]:
             f"{len(s.split)} images listed in split.csv, {len(sp)} of them in train/val/test"
             + ("; no patient has images in two splits." if not leaked else "."))
     blocks = [Block("table", text, "split", table)]
+    if dr.get("split_level") == "image":
+        blocks.append(Block("warn", "IMAGE-LEVEL SPLIT: the data carries no patient ids (a source without them, or a "
+                                    "manifest read with patient: image), so every image counts as its own patient. "
+                                    "Images of one patient can sit in training and in test; a model that recognises "
+                                    "the patient (anatomy, devices, positioning) rather than the finding then scores "
+                                    "higher on test than it would on new patients."))
+    elif dr.get("images_without_patient_id"):
+        blocks.append(Block("note", f"{dr['images_without_patient_id']} image(s) have no patient id and count as "
+                                    "their own patient each: they are split by image, the others by patient."))
     if leaked:
         blocks.append(Block("warn", f"{len(leaked)} patient(s) have images in more than one split (e.g. "
                                     f"{', '.join(map(str, leaked[:3]))}): test images are not independent of "

@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 import ray
 
+from . import data
 from .data import Prepared
 
 RAY_ENVIRONMENT = {
@@ -88,13 +89,43 @@ def send_ray_logs_to(path: str) -> None:
             logger.addHandler(to_file)
 
 
-def put_data(prepared: Prepared) -> ray.ObjectRef:
-    """Place the decoded images and split rows in the object store once per run.
+SHIP_LIMIT_ENV = "CXR_RAY_SHIP_LIMIT_MB"
+SHIP_LIMIT_MB = 1024  # caches above this are memory-mapped by every node instead of shipped
 
-    Workers on the same node then share one copy (zero-copy numpy); other nodes fetch it.
+
+def ship_limit() -> int:
+    """Bytes of decoded images that still travel through the object store (``$CXR_RAY_SHIP_LIMIT_MB``)."""
+    return int(float(os.environ.get(SHIP_LIMIT_ENV, SHIP_LIMIT_MB)) * 2**20)
+
+
+def put_data(prepared: Prepared) -> ray.ObjectRef:
+    """Place the training data where every worker finds it, once per run.
+
+    Up to ``ship_limit()`` bytes the decoded images go into the object store (workers on a node
+    share one copy, zero-copy numpy; other nodes fetch it). Above it, shipping would hold the whole
+    array in each node's object store (images x size^2 bytes: 100,000 images at 224 px are 5 GB),
+    so workers memory-map the cache file instead: this node's own file on a single-node instance;
+    on a cluster, the file under a cache root every node mounts (spec ``data.cache``), or else a
+    copy published once to the study's storage (``Prepared.publish_to``) that each node reads from
+    there (memory-mapped on a shared file system, downloaded once per node from object storage).
     """
-    return ray.put({
-        "images": np.ascontiguousarray(prepared.cache.images),
-        "labels": prepared.cache.index["label"].to_numpy(np.int8),
-        **{name: rows for name, rows in prepared.rows.items()},
-    })
+    images = prepared.cache.images
+    common = {"labels": prepared.cache.index["label"].to_numpy(np.int8),
+              **{name: rows for name, rows in prepared.rows.items()}}
+    if images.nbytes <= ship_limit():
+        return ray.put({"images": np.ascontiguousarray(images), **common})
+    location = str(prepared.cache.dir / "images.npy")
+    several_nodes = bool(os.environ.get("RAY_ADDRESS")) or sum(n["Alive"] for n in ray.nodes()) > 1
+    if several_nodes and prepared.publish_to:
+        location = data.publish_images(prepared.cache, prepared.publish_to)
+    print(f"decoded images: {images.nbytes / 2**30:.2f} GiB, above the {ship_limit() / 2**30:.2f} GiB shipped "
+          f"through the object store: every worker memory-maps {location}", flush=True)
+    return ray.put({"images_uri": location, **common})
+
+
+def fetch_data(ref: ray.ObjectRef) -> dict:
+    """A worker's view of ``put_data``'s data: the shipped array, or the cache file memory-mapped."""
+    found = dict(ray.get(ref))
+    if "images_uri" in found:
+        found["images"] = data.map_images(found.pop("images_uri"))
+    return found

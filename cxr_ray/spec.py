@@ -22,9 +22,11 @@ import numpy as np
 import yaml
 
 from .config import ENGINES, SELECTION_METRICS, ConfigError, TrainConfig
-from .data import SOURCES
+from .data import SOURCES, DataError, check_image_size
+from .manifest import PATIENT_IS_IMAGE, ROLES, ManifestFormat, label_text
 from .metrics import POLICIES
 from .errors import CxrError
+from .synthetic import SyntheticSet
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 # Settings the study owns: a search space or fixed block may not set them.
@@ -36,16 +38,43 @@ STUDY_OWNED = {"backbone", "pretrained", "image_size", "seed", "epochs", "evalua
 # Each section is a dataclass: its fields are the keys a spec may give, their annotations the YAML
 # types accepted (float also takes an int), a field without a default is required.
 
+class LabelledSet:
+    """What the study's data and an external set share: how a manifest source is read (its
+    ``columns``, ``positive``/``negative`` label values and ``root``: see cxr_ray.manifest)."""
+
+    @property
+    def manifest_format(self) -> ManifestFormat:
+        return ManifestFormat(dict(self.columns), tuple(map(str, self.positive)), tuple(map(str, self.negative)),
+                              self.root)
+
+
+def _positive() -> list:
+    return list(ManifestFormat().positive)
+
+
+def _negative() -> list:
+    return list(ManifestFormat().negative)
+
+
 @dataclass(frozen=True)
-class DataSection:
+class DataSection(LabelledSet):
     source: str
     path: str | None = None
     image_size: int = 64
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    use_official_test: bool = True
+    use_official_test: bool = True  # a manifest: keep its pre-assigned splits (false: carve every split)
     synthetic_images: int = 1200
     strict: bool = False
+    columns: dict = field(default_factory=dict)  # manifest only, as are the next three
+    positive: list = field(default_factory=_positive)
+    negative: list = field(default_factory=_negative)
+    root: str | None = None
+    cache: str | None = None  # the decoded-image cache's root; a path every node mounts (default: local)
+
+    @property
+    def synthetic_set(self) -> SyntheticSet:
+        return SyntheticSet(self.synthetic_images)
 
 
 @dataclass(frozen=True)
@@ -98,15 +127,23 @@ class Threshold:
 
 
 @dataclass(frozen=True)
-class External:
+class External(LabelledSet):
     """A labelled set collected apart from the training data, scored once after the final phase."""
     name: str
     source: str
     path: str | None = None
-    split: str | None = None  # only this source split (of a Kaggle layout or an npz); default: every image
+    split: str | None = None  # only this source split (of a Kaggle layout, an npz or a manifest); default: all
     synthetic_images: int = 300  # synthetic source only, as are the next two
     synthetic_seed: int = 1
     synthetic_shift: float = 0.0  # another exposure and noise level than the training data (0: the same)
+    columns: dict = field(default_factory=dict)  # manifest only, as are the next three
+    positive: list = field(default_factory=_positive)
+    negative: list = field(default_factory=_negative)
+    root: str | None = None
+
+    @property
+    def synthetic_set(self) -> SyntheticSet:
+        return SyntheticSet(self.synthetic_images, self.synthetic_seed, self.synthetic_shift)
 
 
 @dataclass(frozen=True)
@@ -333,12 +370,15 @@ def validate(raw: dict, file: str = "spec") -> Spec:
     sections = {key: _section(raw, key, file) for key in SECTIONS}
 
     d = sections["data"]
-    if d.source not in SOURCES:
-        raise SpecError(f"{file}: data.source must be one of {', '.join(SOURCES)} (got {d.source!r})")
-    if d.source != "synthetic" and not d.path:
-        raise SpecError(f"{file}: data.path is required for source {d.source!r}")
-    if not 16 <= d.image_size <= 1024:
-        raise SpecError(f"{file}: data.image_size must be in 16..1024 (got {d.image_size})")
+    _check_labelled(d, "data", file)
+    try:
+        check_image_size(d.image_size, f"{file}: data.image_size")
+    except DataError as e:
+        raise SpecError(str(e)) from None
+    if d.cache and "://" in d.cache:
+        raise SpecError(f"{file}: data.cache must be a filesystem path (every node of a cluster mounts it, e.g. "
+                        f"NFS), got {d.cache!r}; leave it out for object storage: a cache too large to ship is then "
+                        "copied to the study's storage")
     for key in ("val_fraction", "test_fraction"):
         if not 0 < getattr(d, key) < 0.5:
             raise SpecError(f"{file}: data.{key} must be in (0, 0.5) (got {getattr(d, key)})")
@@ -437,12 +477,37 @@ def _externals(given, file: str) -> list[External]:
             raise SpecError(f"{file}: external[{i}].name must be a word of letters, digits, - and _ (got {ext.name!r})")
         if ext.name in [e.name for e in out]:
             raise SpecError(f"{file}: external[{i}]: duplicate name {ext.name!r}")
-        if ext.source not in SOURCES:
-            raise SpecError(f"{file}: external[{i}].source must be one of {', '.join(SOURCES)} (got {ext.source!r})")
-        if ext.source != "synthetic" and not ext.path:
-            raise SpecError(f"{file}: external[{i}].path is required for source {ext.source!r}")
+        _check_labelled(ext, f"external[{i}]", file)
         out.append(ext)
     return out
+
+
+def _check_labelled(section: LabelledSet, where: str, file: str) -> None:
+    """The source of a labelled set (the study's data or an external set) and its manifest keys."""
+    if section.source not in SOURCES:
+        raise SpecError(f"{file}: {where}.source must be one of {', '.join(SOURCES)} (got {section.source!r})")
+    if section.source != "synthetic" and not section.path:
+        raise SpecError(f"{file}: {where}.path is required for source {section.source!r}")
+    defaults = {"columns": {}, "positive": _positive(), "negative": _negative(), "root": None}
+    if section.source != "manifest":
+        for key, default in defaults.items():
+            if getattr(section, key) != default:
+                raise SpecError(f"{file}: {where}.{key} is only read for source manifest (source is {section.source})")
+        return
+    for role, column in section.columns.items():
+        if role not in ROLES:
+            raise SpecError(f"{file}: unknown key {where}.columns.{role} (roles: {', '.join(ROLES)})")
+        if not isinstance(column, str) or not column.strip():
+            raise SpecError(f"{file}: {where}.columns.{role} must name a column"
+                            + (f" (or be {PATIENT_IS_IMAGE!r})" if role == "patient" else "") + f", got {column!r}")
+    for key in ("positive", "negative"):
+        values = getattr(section, key)
+        if not values or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+            raise SpecError(f"{file}: {where}.{key} must be a non-empty list of label values (text or integers), "
+                            f"got {values!r}")
+    both = {label_text(v) for v in section.positive} & {label_text(v) for v in section.negative}
+    if both:
+        raise SpecError(f"{file}: {where}.positive and {where}.negative share the value(s) {', '.join(sorted(both))}")
 
 
 def _arms(given, pretrained: bool | str, unmatched: bool, max_epochs: int, file: str) -> list[Arm]:
@@ -476,10 +541,6 @@ def _arms(given, pretrained: bool | str, unmatched: bool, max_epochs: int, file:
         if arms[-1].name in [a.name for a in arms[:-1]]:
             raise SpecError(f"{where}: duplicate arm name {arms[-1].name!r}")
     return arms
-
-
-def load_resolved(path: str | Path) -> Spec:
-    return validate_text(Path(path).read_text(), str(path))
 
 
 def validate_text(text: str, path: str) -> Spec:

@@ -264,11 +264,16 @@ def study_dir(spec: specs.Spec, out: str | None, storage_root: str | None) -> st
 def prepare_data(spec: specs.Spec, sdir: str, progress: bool = True) -> data.Prepared:
     d = spec.data
     prepared = data.prepare(d.source, d.path, d.image_size, None, val_fraction=d.val_fraction,
-                            test_fraction=d.test_fraction, seed=spec.seed, strict=d.strict,
+                            test_fraction=d.test_fraction, seed=spec.seed, strict=d.strict, cache_root=d.cache,
                             use_official_test=d.use_official_test, synthetic_images=d.synthetic_images,
+                            manifest=d.manifest_format, publish_to=None if d.cache else storage.join(sdir, "cache"),
                             progress=progress)
     for name in ("val", "test"):
         labels = prepared.cache.index["label"].to_numpy()[prepared.rows[name]]
+        if not len(labels):
+            raise data.DataError(f"the {name} split is empty: no image was left to carve it from (a manifest that "
+                                 f"pre-assigns every image to other splits: assign some to {name} or leave some "
+                                 "blank)")
         if len(set(labels)) < 2:
             raise data.DataError(f"the {name} split has {len(labels)} images of a single class; use more data "
                                  f"or a larger data.{name}_fraction")

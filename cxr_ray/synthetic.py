@@ -8,7 +8,11 @@ small confounding shadows, so a small CNN learns the task well but not perfectly
 
 Every image is a pure function of (seed, patient, image index, size): rendering is
 deterministic and drawn in normalised coordinates, so sizes differ only in resolution.
-Each fake patient has fixed anatomy and 1-4 images, which exercises the patient-level split.
+Each fake patient has fixed anatomy and 1-4 images, which exercises the patient-level split,
+and metadata like a manifest's (sex, age, each image's view, the set's site name), drawn from
+a stream of its own so that labels and pixels do not depend on it. The metadata only labels
+the drawings (AP views are more common among "PNEUMONIA" patients, as among inpatients): it
+changes no pixel, so subgroup tables have something to show without a shortcut to learn.
 """
 from __future__ import annotations
 
@@ -21,25 +25,45 @@ PNEUMONIA_FRACTION = 0.66  # about 1:2 NORMAL:PNEUMONIA, imbalanced as Kaggle's 
 
 
 @dataclass(frozen=True)
+class SyntheticSet:
+    """Which drawings a synthetic source holds: how many, from which seed, at which site (``shift``
+    > 0: another exposure and noise level, see ``render``)."""
+    images: int = 1200
+    seed: int = 0
+    shift: float = 0.0
+
+    @property
+    def site(self) -> str:
+        return f"synthetic-{self.seed}" + (f"-shift{self.shift:g}" if self.shift else "")
+
+
+@dataclass(frozen=True)
 class SyntheticItem:
     name: str  # e.g. SYN-P0007-02.png, parsed like a Kaggle file name
     patient: str
     label: int
     patient_index: int
     image_index: int
+    sex: str = ""
+    age: int = 0
+    view: str = ""
 
 
 def listing(n_images: int, seed: int) -> list[SyntheticItem]:
     """The fake patients and their images, about ``n_images`` in all. Patients of another seed have
     other names (``SYN-S3-P00007``), so two sets never share a patient id by accident."""
     rng = np.random.default_rng([seed, 0])
+    meta = np.random.default_rng([seed, 3])  # its own stream: labels and pixels do not depend on it
     items: list[SyntheticItem] = []
     p = 0
     while len(items) < n_images:
         label = int(rng.random() < PNEUMONIA_FRACTION)
         count = min(int(rng.integers(1, 5)), n_images - len(items))
         patient = f"SYN-P{p:05d}" if seed == 0 else f"SYN-S{seed}-P{p:05d}"
-        items += [SyntheticItem(f"{patient}-{i:02d}.png", patient, label, p, i) for i in range(count)]
+        sex, age = ("F", "M")[int(meta.random() < 0.5)], int(meta.integers(18, 91))
+        views = np.where(meta.random(count) < (0.45 if label else 0.2), "AP", "PA")
+        items += [SyntheticItem(f"{patient}-{i:02d}.png", patient, label, p, i, sex, age, str(views[i]))
+                  for i in range(count)]
         p += 1
     return items
 

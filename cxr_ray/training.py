@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from . import metrics, models, storage
+from . import metrics, models, runtime, storage
 from .config import SELECTION_METRICS, ConfigError, TrainConfig
 from .errors import CxrError
 
@@ -521,7 +521,7 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
 
 def run_in_trial(cfg: TrainConfig, data_ref, run_dir: str, keep_checkpoints: int = 2) -> None:
     """The loop inside the calling Tune trial (single worker, no Ray Train)."""
-    train_loop(cfg, ray.get(data_ref), run_dir, TuneWorld(), keep_checkpoints)
+    train_loop(cfg, runtime.fetch_data(data_ref), run_dir, TuneWorld(), keep_checkpoints)
 
 
 # ----------------------------------------------------------------------------- Ray Train
@@ -529,7 +529,7 @@ def run_in_trial(cfg: TrainConfig, data_ref, run_dir: str, keep_checkpoints: int
 def ray_train_worker(config: dict) -> None:
     """Ray Train per-worker entry point. ``config``: TrainConfig fields + ``data``, ``run_dir``, ``keep``."""
     logging.getLogger().setLevel(logging.WARNING)  # Train logs every report at INFO
-    data = ray.get(config["data"][0])  # [ObjectRef]: wrapped so Ray passes the reference, not the arrays
+    data = runtime.fetch_data(config["data"][0])  # [ObjectRef]: wrapped so Ray passes the reference, not the arrays
     cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in ("data", "run_dir", "keep")})
     train_loop(cfg, data, config["run_dir"], TrainWorld(), config["keep"])
 

@@ -310,7 +310,7 @@ def test_corrupt_file_is_skipped_and_listed(make_kaggle_tree, tmp_path, capsys):
 
 
 def test_cache_size_is_validated(kaggle_tree, tmp_path):
-    with pytest.raises(DataError, match="size 8"):
+    with pytest.raises(DataError, match=r"image size must be in 16\.\.1024 \(got 8\)"):
         data.build_cache(listed(kaggle_tree), 8, cache_root=tmp_path, workers=1, progress=False)
 
 
@@ -476,8 +476,32 @@ def test_synthetic_patients_and_classes():
     assert not np.array_equal(synthetic.render(p0[0], 0, SIZE), synthetic.render(p0[1], 0, SIZE))
 
 
+def test_synthetic_metadata_is_per_patient_deterministic_and_labels_only(tmp_path):
+    """Sex and age are a patient's, the view an image's, drawn from a stream of their own: the same on
+    every call, and the labels and pixels are those of the generator without metadata."""
+    items = synthetic.listing(3000, 4)
+    assert items == synthetic.listing(3000, 4)
+    table = pd.DataFrame([(it.patient, it.label, it.sex, it.age, it.view) for it in items],
+                         columns=["patient", "label", "sex", "age", "view"])
+    assert (table.groupby("patient")[["sex", "age"]].nunique() == 1).all().all()
+    assert set(table["sex"]) == {"F", "M"} and table["age"].between(18, 90).all() and set(table["view"]) == {"AP", "PA"}
+    ap = table.groupby("label")["view"].apply(lambda v: (v == "AP").mean())
+    assert ap[1] > ap[0]  # as among inpatients: a subgroup table has something to show
+    bare = [synthetic.SyntheticItem(it.name, it.patient, it.label, it.patient_index, it.image_index) for it in items[:3]]
+    for it, plain in zip(items[:3], bare):  # metadata changes no pixel
+        np.testing.assert_array_equal(synthetic.render(it, 4, SIZE), synthetic.render(plain, 4, SIZE))
+    source = data.list_source("synthetic", synthetic=synthetic.SyntheticSet(images=30, seed=5, shift=1.0))
+    assert set(source.items["site"]) == {"synthetic-5-shift1"} and source.path == "synthetic:5:30:1"
+    assert data.metadata_columns(source.items) == ["site", "sex", "age", "view"]
+    prepared = data.prepare("synthetic", None, SIZE, tmp_path / "out", synthetic_images=60, cache_root=tmp_path,
+                            progress=False)
+    written = pd.read_csv(tmp_path / "out" / "split.csv")
+    assert {"site", "sex", "age", "view"} <= set(written.columns) and len(written) == 60
+    assert prepared.report["composition"]["by"] == ["split", "site"]
+
+
 def test_synthetic_source_cache_matches_render(tmp_path):
-    source = data.list_source("synthetic", synthetic_images=24, synthetic_seed=2)
+    source = data.list_source("synthetic", synthetic=synthetic.SyntheticSet(images=24, seed=2))
     cache = data.build_cache(source, SIZE, cache_root=tmp_path, workers=1, progress=False)
     items = synthetic.listing(24, 2)
     assert list(cache.index["item"]) == [it.name for it in items]

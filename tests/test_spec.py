@@ -145,6 +145,20 @@ ERRORS = {
     "kaggle without a path": ({"data.source": "kaggle"}, [r"data\.path\b"]),
     "image_size out of range": ({"data.image_size": 8}, [r"data\.image_size\b"]),
     "val_fraction out of range": ({"data.val_fraction": 0.6}, [r"data\.val_fraction\b"]),
+    "manifest without a path": ({"data.source": "manifest"}, [r"data\.path\b"]),
+    "unknown manifest role": ({"data": {"source": "manifest", "path": "m.csv", "columns": {"diagnosis": "x"}}},
+                              [r"unknown key data\.columns\.diagnosis\b", r"path, label, patient, split, site"]),
+    "manifest column not a name": ({"data": {"source": "manifest", "path": "m.csv", "columns": {"patient": 3}}},
+                                   [r"data\.columns\.patient\b", r"'image'"]),
+    "a value both positive and negative": ({"data": {"source": "manifest", "path": "m.csv", "positive": [1, "yes"],
+                                                     "negative": ["1.0", "no"]}},
+                                           [r"data\.positive and data\.negative share the value\(s\) 1"]),
+    "empty positive": ({"data": {"source": "manifest", "path": "m.csv", "positive": []}}, [r"data\.positive\b"]),
+    "columns for a non-manifest source": ({"data.columns": {"label": "y"}},
+                                          [r"data\.columns is only read for source manifest"]),
+    "root for an external folder": ({"external": [{"name": "x", "source": "kaggle", "path": "/d", "root": "/d"}]},
+                                    [r"external\[0\]\.root is only read for source manifest"]),
+    "cache on object storage": ({"data.cache": "s3://bucket/cache"}, [r"data\.cache must be a filesystem path"]),
     "duplicate arm names": ({"arms": ["resnet18", {"name": "resnet18", "backbone": "densenet121"}]},
                             [r"arms\[1\]", r"duplicate", r"resnet18"]),
     "same backbone twice": ({"arms": ["resnet18", "resnet18"]}, [r"arms\[1\]", r"duplicate"]),
@@ -206,6 +220,30 @@ def test_every_sampled_configuration_is_validated(tmp_path):
     else:
         raise AssertionError("no seed with a valid first and an invalid later sample")
     expect_error(write(tmp_path, raw), r"\bdropout\b")
+
+
+def test_a_manifest_spec_resolves_its_format(tmp_path):
+    """Column names, label values and root reach the ManifestFormat every loader reads, for the study's
+    data and for an external set alike."""
+    raw = variant({"data": {"source": "manifest", "path": "/d/m.csv", "columns": {"label": "Target", "patient": "image"},
+                            "positive": [1, "yes"], "negative": [0], "root": "/d"},
+                   "external": [{"name": "b", "source": "manifest", "path": "/e/m.parquet", "split": "test"}]})
+    spec = load(write(tmp_path, raw))
+    fmt = spec.data.manifest_format
+    assert fmt.columns == {"label": "Target", "patient": "image"} and fmt.column("label") == "Target"
+    assert fmt.column("path") == "path" and fmt.positive == ("1", "yes") and fmt.negative == ("0",) and fmt.root == "/d"
+    assert spec.external[0].manifest_format.positive == ("1", "PNEUMONIA") and spec.external[0].split == "test"
+    assert specs.validate_text(specs.dump(spec), "spec.yaml").raw == spec.raw
+
+
+def test_the_synthetic_parameters_are_one_typed_value(tmp_path):
+    from cxr_ray.synthetic import SyntheticSet
+    raw = variant({"data.synthetic_images": 200, "external": [{"name": "b", "source": "synthetic",
+                                                                "synthetic_seed": 5, "synthetic_shift": 1.0}]})
+    spec = load(write(tmp_path, raw))
+    assert spec.data.synthetic_set == SyntheticSet(200, 0, 0.0)
+    assert spec.external[0].synthetic_set == SyntheticSet(300, 5, 1.0)
+    assert spec.external[0].synthetic_set.site == "synthetic-5-shift1"
 
 
 def test_data_path_replaces_the_spec_path(tmp_path):
@@ -360,7 +398,7 @@ def test_dump_round_trips(tmp_path, text):
     again = specs.validate_text(dumped, "study/spec.yaml")
     assert again.hash == spec.hash and again.raw == spec.raw
     (tmp_path / "resolved.yaml").write_text(dumped)
-    assert specs.load_resolved(tmp_path / "resolved.yaml").hash == spec.hash
+    assert specs.validate_text((tmp_path / "resolved.yaml").read_text(), "resolved.yaml").hash == spec.hash
     # the dump of the re-validated spec is the same text: resuming never drifts
     assert specs.dump(again) == dumped
 
