@@ -175,10 +175,11 @@ class Tracker:
     Otherwise (a study running) the work runs on a thread of its own, off Tune's loop, and the
     first failure stops it: the console says so once and the study goes on."""
 
-    def __init__(self, mlflow, spec: specs.Spec, sdir: str, uri: str, strict: bool, log_file: str):
-        from mlflow import MlflowClient
-        self.mlflow, self.spec, self.sdir, self.uri, self.strict, self.log_file = mlflow, spec, sdir, uri, strict, log_file
-        self.client = MlflowClient(uri)
+    def __init__(self, spec: specs.Spec, sdir: str, uri: str, strict: bool):
+        self.spec, self.sdir, self.uri, self.strict = spec, sdir, uri, strict
+        self.log_file = os.path.join(sdir, "tracking.log") if not storage.is_remote(sdir) else \
+            os.path.join(tempfile.gettempdir(), "cxr-ray", f"tracking-{os.getpid()}.log")
+        self.client = _mlflow(self.log_file).MlflowClient(uri)
         self.pool = None if strict else ThreadPoolExecutor(1, thread_name_prefix="cxr-ray-mlflow")
         self.failed = False
         self.counts = {"runs": 0, "epochs": 0, "artifacts": 0}  # what this process logged: child runs, epochs, files
@@ -219,8 +220,8 @@ class Tracker:
     # -- the study's parent run
 
     def open(self, experiment: str | None) -> None:
-        """Find the study's parent run (tracking.json, else its ``study_key`` tag) or create it; the key
-        is written to the study directory before the run exists, so no kill leaves a second parent."""
+        """Find the study's parent run by its ``study_key`` tag or create it. The key is written to
+        the study directory (tracking.json) before the run exists: no kill leaves a second parent."""
         state_uri = storage.join(self.sdir, STATE)
         state = storage.read_json(state_uri) if storage.exists(state_uri) else {}
         record = state.setdefault(self.uri, {"key": uuid.uuid4().hex})
@@ -260,7 +261,7 @@ class Tracker:
 
     # -- trials
 
-    def log_trial(self, phase: str, trial_id: str, identity: dict) -> Child:
+    def log_trial(self, phase: str, trial_id: str, identity: dict) -> None:
         """The trial's child run, created if new, with every epoch of its ``metrics.csv`` not yet logged."""
         child = self.children.get(trial_id)
         if child is None:
@@ -290,7 +291,6 @@ class Tracker:
         if len(history) and "engine" in history and child.tags.get("engine") != history["engine"].iloc[-1]:
             child.tags["engine"] = history["engine"].iloc[-1]
             self._batch(child.run_id, tags={"engine": child.tags["engine"]})
-        return child
 
     def end_trial(self, trial_id: str, status: str, outcome: str | None = None) -> None:
         child = self.children.get(trial_id)
@@ -320,15 +320,13 @@ class Tracker:
     def finish(self) -> None:
         """The finished study on its parent run: metrics, verdict, artifacts, the registered model."""
         sdir = self.sdir
-        read = lambda name: storage.read_csv(storage.join(sdir, name))  # noqa: E731
         best = storage.read_json(storage.join(sdir, "best.json"))
-        metrics = _table_metrics("budget", read("budget.csv"))
-        sets = {"test": ""} | {n: f"external/{n}/" for n in storage.listdir(storage.join(sdir, "external"))
-                               if storage.exists(storage.join(sdir, "external", n, "summary.csv"))}
+        metrics = _table_metrics("budget", storage.read_csv(storage.join(sdir, "budget.csv")))
+        sets = scored_sets(sdir)
         for name, folder in sets.items():
             for table in ("summary.csv", "comparison.csv"):
-                metrics |= _table_metrics(name, read(folder + table))
-            for run in read(folder + "final.csv").to_dict("records"):
+                metrics |= _table_metrics(name, storage.read_csv(storage.join(folder, table)))
+            for run in storage.read_csv(storage.join(folder, "final.csv")).to_dict("records"):
                 child = self._final_child(run["arm"], run["seed"])
                 if child:
                     values = {f"{name}/{k}": v for k, v in _numbers(run).items() if k not in ("seed", "val_auroc")}
@@ -339,8 +337,8 @@ class Tracker:
         metrics |= {f"{phase}/{k}": v for phase, p in study.get("phases", {}).items() for k, v in _numbers(p).items()}
         metrics["driver_wall_s"] = study["driver_wall_s"]
         self._log_new(self.run_id, self.parent_metrics, metrics)
-        verdicts = [best["verdict"]] + [storage.read_json(storage.join(sdir, f, "verdict.json"))["verdict"]
-                                        for f in sets.values() if f]
+        verdicts = [best["verdict"]] + [storage.read_json(storage.join(folder, "verdict.json"))["verdict"]
+                                        for name, folder in sets.items() if name != "test"]
         self._batch(self.run_id, tags={"verdict": best["verdict"], "served_arm": best["arm"],
                                        "served_seed": str(best["seed"]),
                                        "mlflow.note.content": "\n\n".join([self.spec.description, *verdicts]).strip()})
@@ -434,6 +432,13 @@ def _why(e: Exception) -> str:
 
 # ----------------------------------------------------------------------------- the study directory
 
+def scored_sets(sdir: str) -> dict[str, str]:
+    """Where each evaluation set's tables are: ``test`` (the internal split) and each scored external set."""
+    external = storage.join(sdir, "external")
+    return {"test": sdir} | {name: storage.join(external, name) for name in storage.listdir(external)
+                             if storage.exists(storage.join(external, name, "summary.csv"))}
+
+
 def stage_study_files(sdir: str, stage: str) -> int:
     """Copy what the parent run keeps of a study into ``stage``: its own files (spec, tables, verdicts)
     and the report, external results and site profiles; not checkpoints, Tune's files or logs."""
@@ -468,8 +473,8 @@ def model_bundle(sdir: str, best: dict, stage: str) -> None:
     rows("final.csv", served_run=True)
     rows("validation_predictions.csv", served_run=True)
     rows("summary.csv")
-    for name in storage.listdir(storage.join(sdir, "external")):
-        if storage.exists(storage.join(sdir, "external", name, "summary.csv")):
+    for name in scored_sets(sdir):
+        if name != "test":
             rows(f"external/{name}/summary.csv")
     for name in ("spec.yaml", "report/model_card.md", "report/model_card.json"):
         if storage.exists(storage.join(sdir, name)):
@@ -487,21 +492,14 @@ def served_tags(sdir: str, best: dict) -> dict[str, str]:
     tags = {"arm": best["arm"], "seed": str(best["seed"]), "threshold": f"{best['threshold']:.6g}",
             "policy": policy["policy"] + (f" {policy['target']}" if policy.get("target") is not None else ""),
             "platt": json.dumps(best.get("platt")), "checkpoint": best["checkpoint"]}
-    sets = {"test": "final.csv"} | {n: f"external/{n}/final.csv" for n in storage.listdir(storage.join(sdir, "external"))
-                                    if storage.exists(storage.join(sdir, "external", n, "final.csv"))}
-    for name, path in sets.items():
-        table = storage.read_csv(storage.join(sdir, path))
+    for name, folder in scored_sets(sdir).items():
+        table = storage.read_csv(storage.join(folder, "final.csv"))
         row = table[(table["arm"] == best["arm"]) & (table["seed"] == int(best["seed"]))].iloc[0]
         tags |= {f"{name}_{m}": f"{row[m]:.4f}" for m in ("auroc", "accuracy", "sensitivity", "specificity")}
     return tags
 
 
 # ----------------------------------------------------------------------------- entry points
-
-def _log_file(sdir: str) -> str:
-    return os.path.join(sdir, "tracking.log") if not storage.is_remote(sdir) else \
-        os.path.join(tempfile.gettempdir(), "cxr-ray", f"tracking-{os.getpid()}.log")
-
 
 def start(spec: specs.Spec, sdir: str) -> Tracker | None:
     """The running study's tracker (None: not tracked). A server that cannot be reached leaves the
@@ -510,7 +508,7 @@ def start(spec: specs.Spec, sdir: str) -> Tracker | None:
     uri = tracking_uri(sdir, spec.tracking.mlflow)
     if not uri:
         return None
-    tracker = Tracker(_mlflow(_log_file(sdir)), spec, sdir, uri, strict=False, log_file=_log_file(sdir))
+    tracker = Tracker(spec, sdir, uri, strict=False)
     tracker._guarded(tracker.open, spec.tracking.experiment)
     if tracker.failed:
         tracker.close()
@@ -543,15 +541,13 @@ def track(study_dir: str, uri: str | None, experiment: str | None = None) -> str
     if not uri:
         raise TrackingError("give the tracking server: --mlflow URI (or set MLFLOW_TRACKING_URI)")
     spec = specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
-    tracker = Tracker(_mlflow(_log_file(sdir)), spec, sdir, uri, strict=True, log_file=_log_file(sdir))
+    tracker = Tracker(spec, sdir, uri, strict=True)
     try:
         tracker.open(experiment)
         tracker.log_phase(SEARCH, storage.read_csv(storage.join(sdir, "trials.csv")),
                           storage.read_csv(storage.join(sdir, "trial_summary.csv")))
         tracker.log_phase(FINAL, storage.read_csv(storage.join(sdir, "final_trials.csv")))
         tracker.finish()
-    except TrackingError:
-        raise
     except Exception as e:
         log.exception("upload failed")
         raise TrackingError(f"MLflow ({uri}): {_why(e)} (details in {tracker.log_file})") from None
