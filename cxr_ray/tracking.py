@@ -56,7 +56,7 @@ DEFAULT_EXPERIMENT = "cxr-ray"
 MLFLOW_ENVIRONMENT = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-NOT_EPOCH_METRICS = {"started_at_epoch", "pid", "finished_at"}  # numeric columns of metrics.csv that say where, not how well
+NOT_EPOCH_METRICS = {"started_at_epoch", "pid", "finished_at"}  # numeric columns of metrics.csv that are no metric
 STUDY_FILES = (".csv", ".json", ".yaml", ".md", ".html")  # the study directory's own files, logged as artifacts
 STUDY_FOLDERS = ("report", "external", "sites")
 BATCH = 1000  # MLflow's limit of metrics in one log_batch
@@ -250,16 +250,21 @@ class Tracker:
         storage.write_json(state_uri, state)
         name = record.get("experiment") or experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         found = self.client.get_experiment_by_name(name)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(name)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            name, tags={"mlflow.experimentKind": "custom_model_development"})  # MLflow's UI: its training-runs view
         runs = self._search(f"tags.study_key = '{record['key']}'")
         if runs:
             run = runs[0]
         else:
             from mlflow.tracking.context.registry import resolve_tags
-            run = self.client.create_run(self.experiment_id, run_name=self.spec.name, tags=resolve_tags({
-                "study_key": record["key"], "study": self.spec.name, "spec_hash": self.spec.hash,
-                "data_fingerprint": data_fingerprint(self.sdir), "engine": self.spec.engine, "study_dir": self.sdir,
-                "mlflow.note.content": self.spec.description}))
+            trials_uri = storage.join(self.sdir, "trials.csv")  # an upload after the fact: when the study began
+            start = record_times(storage.read_csv(trials_uri))[0] if storage.exists(trials_uri) else None
+            run = self.client.create_run(self.experiment_id, start_time=start, run_name=self.spec.name,
+                                         tags=resolve_tags({
+                                             "study_key": record["key"], "study": self.spec.name,
+                                             "spec_hash": self.spec.hash, "engine": self.spec.engine,
+                                             "data_fingerprint": data_fingerprint(self.sdir), "study_dir": self.sdir,
+                                             "mlflow.note.content": self.spec.description}))
         self.run_id = run.info.run_id
         state[self.uri] = record | {"experiment": name, "experiment_id": self.experiment_id, "run_id": self.run_id}
         storage.write_json(state_uri, state)
@@ -285,13 +290,16 @@ class Tracker:
 
     def log_trial(self, phase: str, trial_id: str, identity: dict) -> None:
         """The trial's child run, created if new, with every epoch of its ``metrics.csv`` not yet logged."""
+        uri = storage.join(self.sdir, "runs", trial_id, "metrics.csv")
+        history = storage.read_csv(uri) if storage.exists(uri) else pd.DataFrame({"epoch": []})
         child = self.children.get(trial_id)
         if child is None:
             tags = {"mlflow.parentRunId": self.run_id, "trial_id": trial_id, "phase": phase, "arm": identity["arm"],
                     "seed": str(int(identity["seed"])), "study": self.spec.name,
                     **({"mlflow.user": self.user} if self.user else {})}
             label = trial_label({k: v for k, v in identity.items() if k != "config_id" or phase == SEARCH})
-            run = self.client.create_run(self.experiment_id, run_name=label, tags=tags)
+            start = record_times(history)[0] if len(history) else None  # when it began, also if uploaded later
+            run = self.client.create_run(self.experiment_id, start_time=start, run_name=label, tags=tags)
             child = self.children[trial_id] = Child(run.info.run_id, tags, run.info.status)
             self.counts["runs"] += 1
         if not child.has_params:
@@ -299,8 +307,6 @@ class Tracker:
                       **identity["params"]}
             self._batch(child.run_id, params={k: str(v) for k, v in params.items()})
             child.has_params = True
-        history_uri = storage.join(self.sdir, "runs", trial_id, "metrics.csv")
-        history = storage.read_csv(history_uri) if storage.exists(history_uri) else pd.DataFrame({"epoch": []})
         new = history[history["epoch"] > child.epoch].sort_values("epoch")
         epochs_per_batch = max(BATCH // max(len(new.columns), 1), 1)
         for start in range(0, len(new), epochs_per_batch):  # whole epochs per batch, in order
@@ -314,7 +320,7 @@ class Tracker:
             child.tags["engine"] = history["engine"].iloc[-1]
             self._batch(child.run_id, tags={"engine": child.tags["engine"]})
 
-    def end_trial(self, trial_id: str, status: str, outcome: str | None = None) -> None:
+    def end_trial(self, trial_id: str, status: str, outcome: str | None = None, end_time: int | None = None) -> None:
         child = self.children.get(trial_id)
         if child is None:
             return
@@ -322,7 +328,7 @@ class Tracker:
             child.tags["outcome"] = outcome
             self._batch(child.run_id, tags={"outcome": outcome})
         if child.status == "RUNNING":
-            self.client.set_terminated(child.run_id, status)
+            self.client.set_terminated(child.run_id, status, end_time)
             child.status = status
 
     def log_phase(self, phase: str, trials: pd.DataFrame, summary: pd.DataFrame | None = None) -> None:
@@ -335,7 +341,8 @@ class Tracker:
                         "params": {c[3:]: v for c, v in first.items() if c.startswith("hp_") and pd.notna(v)}}
             self.log_trial(phase, tid, identity)
             failed = (rows["status"] == "error").any()
-            self.end_trial(tid, "FAILED" if failed else "FINISHED", outcomes.get(tid))
+            end = record_times(rows)[1] if "finished_at" in rows and rows["finished_at"].notna().any() else None
+            self.end_trial(tid, "FAILED" if failed else "FINISHED", outcomes.get(tid), end)
 
     # -- the end of the study
 
@@ -368,8 +375,9 @@ class Tracker:
             self.counts["artifacts"] = stage_study_files(sdir, stage)
             self.client.log_artifacts(self.run_id, stage)
         self.version = self.register(best)
-        if self.client.get_run(self.run_id).info.status == "RUNNING":
-            self.client.set_terminated(self.run_id, "FINISHED")
+        if self.client.get_run(self.run_id).info.status == "RUNNING":  # uploaded after the fact: when it ended
+            end = record_times(storage.read_csv(storage.join(sdir, "final_trials.csv")))[1] if self.strict else None
+            self.client.set_terminated(self.run_id, "FINISHED", end)
 
     def _final_child(self, arm: str, seed) -> Child | None:
         return next((c for c in self.children.values() if c.tags.get("phase") == FINAL and c.tags.get("arm") == arm
@@ -429,6 +437,12 @@ class Tracker:
         for start in range(0, len(new), BATCH):
             self._batch(run_id, metrics=new[start:start + BATCH])
         logged.update(k for k, *_ in new)
+
+
+def record_times(epochs: pd.DataFrame) -> tuple[int, int]:
+    """When the recorded epochs began and ended (ms): MLflow shows a run uploaded later at its own times."""
+    return (int((epochs["finished_at"] - epochs["epoch_time_s"]).min() * 1000),
+            int(epochs["finished_at"].max() * 1000))
 
 
 def _numbers(row: dict) -> dict[str, float]:
