@@ -97,7 +97,7 @@ def phase_tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) 
         run_config=tune.RunConfig(name=phase, storage_path=sdir,
                                   failure_config=tune.FailureConfig(max_failures=r.max_failures),
                                   callbacks=[console.StudyProgress(spec, phase, plans),
-                                             *tracking.tune_callbacks(phase, plans)], verbose=0),
+                                             *tracking.tune_callbacks(sdir, phase, plans)], verbose=0),
     )
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -39,13 +40,11 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
-from ray.tune.result import AUTO_RESULT_KEYS
-from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.record_writer import masked_crc32c
 
 from . import spec as specs, storage
-from .console import replayed
 from .errors import CxrError
 from .status import FINAL, SEARCH, finished_study, plan_key, trial_label
 
@@ -71,37 +70,67 @@ class TrackingError(CxrError, RuntimeError):
 # ----------------------------------------------------------------------------- TensorBoard
 
 class EpochTensorBoard(TBXLoggerCallback):
-    """Each trial's TensorBoard event file (``STUDY/search/<trial>/events.out.tfevents.*``): one scalar
-    per metric of each epoch (``val_auroc``, ``train_loss``, ...) with the epoch as the step, written
-    and flushed before Tune goes on. It takes the place of Tune's own writer (being one, Tune adds no
-    other), which steps by Tune's iteration count (it starts again at 1 in a resumed process) and
-    flushes from a thread every 30 s (a killed driver lost its last points). The epoch a resumed run
-    reports again (nothing trained) is not written twice."""
+    """Each trial's TensorBoard event file (``STUDY/search/<trial>/events.out.tfevents.*``), made from
+    its record (``runs/<trial>/metrics.csv``, see ``write_events``): it grows as the trial reports
+    epochs and is completed for every trial when the phase ends, so a killed and resumed study loses
+    and repeats nothing. It takes the place of Tune's own writer (being one, Tune adds no other),
+    which steps by Tune's iteration count (it starts again at 1 in a resumed process) and flushes
+    from a thread every 30 s (a killed driver lost its last points)."""
 
-    def log_trial_start(self, trial):
-        trial.init_local_path()
-        self._trial_writer[trial] = EventsWriter(os.path.join(trial.local_path, "events"))
+    def __init__(self, sdir: str):
+        super().__init__()
+        self.sdir = sdir
 
-    def log_trial_result(self, iteration, trial, result):
-        if "epoch" not in result or replayed(result):
-            return
-        if trial not in self._trial_writer:
-            self.log_trial_start(trial)
-        values = [Summary.Value(tag=k, simple_value=v) for k, v in _numbers(result).items()
-                  if k not in AUTO_RESULT_KEYS and k not in ("epoch", "done")]
-        writer = self._trial_writer[trial]
-        writer.write_event(Event(wall_time=time.time(), step=int(result["epoch"]), summary=Summary(value=values)))
-        writer.flush()
+    def log_trial_start(self, trial):  # the base class would open a writer of its own
+        pass
 
     def log_trial_end(self, trial, failed=False):
-        writer = self._trial_writer.pop(trial, None)
-        if writer:
-            writer.close()
+        pass
+
+    def log_trial_result(self, iteration, trial, result):
+        self._write(trial)
+
+    def on_experiment_end(self, trials, **info):  # trials that ended in a process killed before writing
+        for trial in trials:
+            self._write(trial)
+
+    def _write(self, trial) -> None:
+        uri = storage.join(self.sdir, "runs", trial.trial_id, "metrics.csv")
+        if storage.exists(uri):
+            trial.init_local_path()
+            write_events(trial.local_path, storage.read_csv(uri))
 
 
-def tune_callbacks(phase: str, plans: dict) -> list:
+def write_events(folder: str, history: pd.DataFrame) -> None:
+    """A run's per-epoch record as one TensorBoard event file: every metric of each epoch with the
+    epoch as the step, at the time the epoch ended. The file is a function of the record (an epoch's
+    bytes never change), so it only grows: the epochs it lacks are appended (TensorBoard follows
+    appends), and a file a kill cut short is written anew."""
+    start = record_times(history)[0] / 1000
+    events = [Event(wall_time=start, file_version="brain.Event:2")]
+    for row in history.sort_values("epoch").to_dict("records"):
+        values = [Summary.Value(tag=k, simple_value=v) for k, v in _numbers(row).items() if k != "epoch"]
+        events.append(Event(wall_time=row["finished_at"], step=int(row["epoch"]), summary=Summary(value=values)))
+    data = b"".join(_record(e.SerializeToString()) for e in events)
+    path = Path(folder, f"events.out.tfevents.{int(start)}.cxr-ray")
+    held = path.read_bytes() if path.exists() else b""
+    if data.startswith(held):
+        with open(path, "ab") as f:
+            f.write(data[len(held):])
+    else:
+        Path(f"{path}.tmp").write_bytes(data)
+        os.replace(f"{path}.tmp", path)
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord (length, its checksum, the data, its checksum): how event files frame events."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def tune_callbacks(sdir: str, phase: str, plans: dict) -> list:
     """The callbacks a study phase adds to its Tune experiment: TensorBoard files, live MLflow runs."""
-    return [EpochTensorBoard(), TrialRuns(phase, plans)]
+    return [EpochTensorBoard(sdir), TrialRuns(phase, plans)]
 
 
 # ----------------------------------------------------------------------------- MLflow, live

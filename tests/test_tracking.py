@@ -56,7 +56,7 @@ from cxr_ray import cli, serving, spec, study, tracking
 s = spec.validate({{"name": "x", "data": {{"source": "synthetic"}}, "arms": ["resnet18"],
                     "budget": {{"samples_per_arm": 1, "max_epochs": 1}}}})
 assert tracking.start(s, {str(tmp_path)!r}) is None
-assert len(tracking.tune_callbacks("search", {{}})) == 2
+assert len(tracking.tune_callbacks({str(tmp_path)!r}, "search", {{}})) == 2
 print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))
 """, env={"MLFLOW_TRACKING_URI": ""})
     assert out.returncode == 0, out.stderr
@@ -105,6 +105,45 @@ def test_data_fingerprint_follows_the_images_labels_and_split(fake_study_dir, tm
     moved.loc[moved.index[0], "split"] = "val"
     moved.to_csv(sdir / "split.csv", index=False)
     assert tracking.data_fingerprint(str(sdir)) != first
+
+
+def history(epochs: int) -> pd.DataFrame:
+    """A run's metrics.csv as the training loop writes it (the columns the event file reads)."""
+    return pd.DataFrame({"epoch": range(1, epochs + 1), "train_loss": [0.7 - 0.1 * e for e in range(epochs)],
+                         "val_auroc": [0.6 + 0.05 * e for e in range(epochs)], "epoch_time_s": 4.0,
+                         "finished_at": [1.8e9 + 5 * e for e in range(epochs)], "started_at_epoch": 0,
+                         "pid": 4242, "engine": "tune", "checkpoint": "runs/t/checkpoint_000001"})
+
+
+def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    points = []
+    for events_file in sorted(folder.glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(events_file))
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            points += [(e.step, round(e.value, 6)) for e in events.Scalars(tag)]
+    return sorted(points)
+
+
+def test_tensorboard_file_is_the_record_stepped_by_epoch_and_only_grows(tmp_path):
+    """The event file holds each epoch of the record once, with the epoch as the step; a later epoch
+    is appended (TensorBoard follows appends), the same record again changes nothing, and a file cut
+    short by a kill is written anew."""
+    tracking.write_events(str(tmp_path), history(2))
+    (first,) = tmp_path.glob("events.out.tfevents.*")
+    two = first.read_bytes()
+    tracking.write_events(str(tmp_path), history(3))
+    three = first.read_bytes()
+    assert three.startswith(two) and len(three) > len(two)
+    tracking.write_events(str(tmp_path), history(3))
+    assert first.read_bytes() == three
+    assert scalars(tmp_path, "val_auroc") == [(1, 0.6), (2, 0.65), (3, 0.7)]
+    assert scalars(tmp_path, "train_loss") == [(1, 0.7), (2, 0.6), (3, 0.5)]
+    assert scalars(tmp_path, "pid") == scalars(tmp_path, "started_at_epoch") == []  # where it ran: no metric
+    first.write_bytes(three[:-7])  # the last event cut short
+    tracking.write_events(str(tmp_path), history(3))
+    assert first.read_bytes() == three and list(tmp_path.iterdir()) == [first]
 
 
 # ----------------------------------------------------------------------------- a real MLflow server
@@ -422,17 +461,15 @@ def test_uploading_again_logs_nothing_twice(tracked, study_env):
 
 @pytest.mark.e2e
 def test_tensorboard_files_hold_each_epoch_once_at_its_step_after_the_resume(tracked):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    for trial_dir in (p for p in (tracked.study / "search").iterdir() if p.is_dir()):
-        record = pd.read_csv(tracked.study / "runs" / trial_id_of(trial_dir.name) / "metrics.csv")
-        steps = []
-        for events_file in sorted(trial_dir.glob("events.out.tfevents.*")):  # one per process that ran the trial
-            events = EventAccumulator(str(events_file))
-            events.Reload()
-            if "val_auroc" in events.Tags()["scalars"]:
-                steps += [(e.step, e.value) for e in events.Scalars("val_auroc")]
-        assert [s for s, _ in sorted(steps)] == record["epoch"].tolist(), trial_dir.name
-        assert [v for _, v in sorted(steps)] == pytest.approx(record["val_auroc"].tolist(), abs=1e-6)
+    """Every trial's event files, whichever process wrote them (killed or resumed), hold each epoch
+    of its record once at its epoch, and nothing else Tune would have written."""
+    for phase in ("search", "final"):
+        for trial_dir in (p for p in (tracked.study / phase).iterdir() if p.is_dir()):
+            record = pd.read_csv(tracked.study / "runs" / trial_id_of(trial_dir.name) / "metrics.csv")
+            points = scalars(trial_dir, "val_auroc")
+            assert [s for s, _ in points] == record["epoch"].tolist(), trial_dir.name
+            assert [v for _, v in points] == pytest.approx(record["val_auroc"].tolist(), abs=1e-6)
+            assert scalars(trial_dir, "ray/tune/val_auroc") == []
 
 
 @pytest.mark.e2e
