@@ -1,5 +1,5 @@
 """Studies where people already look: MLflow (runs, metrics per epoch, the report, a registered model
-version) and TensorBoard (Tune's event files, one point per epoch).
+version) and TensorBoard (each trial's event file, made from its record, stepped by epoch).
 
 MLflow is optional (``pip install 'cxr-ray[mlflow]'``): nothing imports it until a study is tracked.
 The study directory stays the record and everything logged is read from it (each run's
@@ -15,7 +15,7 @@ The study directory stays the record and everything logged is read from it (each
                model named after the study, with its threshold, policy and metrics as tags
 
 ``tracking.json`` in the study directory keeps, per tracking URI, the experiment and the parent
-run's id, so a resumed study continues the same run; child runs are found by their ``trial_id``
+run's key and id, so a resumed study continues the same run; child runs are found by their ``trial_id``
 tag and only epochs after the last one logged are sent, so nothing is logged twice. A tracker that
 fails never fails the study: the console says once what is not logged, and ``cxr-ray track`` uploads
 it afterwards. MLflow's own messages go to ``tracking.log``, not the console.
@@ -275,9 +275,10 @@ class Tracker:
         the study directory (tracking.json) before the run exists: no kill leaves a second parent."""
         state_uri = storage.join(self.sdir, STATE)
         state = storage.read_json(state_uri) if storage.exists(state_uri) else {}
-        record = state.setdefault(self.uri, {"key": uuid.uuid4().hex})
+        name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        record = state.setdefault(self.uri, {"key": uuid.uuid4().hex, "experiment": name})
         storage.write_json(state_uri, state)
-        name = record.get("experiment") or experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        name = record["experiment"]  # where the study's run is, whatever is asked now
         found = self.client.get_experiment_by_name(name)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(
             name, tags={"mlflow.experimentKind": "custom_model_development"})  # MLflow's UI: its training-runs view
@@ -295,7 +296,7 @@ class Tracker:
                                              "data_fingerprint": data_fingerprint(self.sdir), "study_dir": self.sdir,
                                              "mlflow.note.content": self.spec.description}))
         self.run_id = run.info.run_id
-        state[self.uri] = record | {"experiment": name, "experiment_id": self.experiment_id, "run_id": self.run_id}
+        state[self.uri] = record | {"experiment_id": self.experiment_id, "run_id": self.run_id}
         storage.write_json(state_uri, state)
         self.user = run.data.tags.get("mlflow.user")
         self.parent_metrics = set(run.data.metrics)
