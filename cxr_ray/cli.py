@@ -104,12 +104,12 @@ def cmd_train(args) -> None:
 def cmd_study_run(args) -> None:
     from . import study
     study.run(args.spec, args.out, args.storage, data_path=args.data_path, report=not args.no_report,
-              verbose=args.verbose)
+              verbose=args.verbose, mlflow=args.mlflow)
 
 
 def cmd_study_resume(args) -> None:
     from . import study
-    study.resume(args.dir, report=not args.no_report, verbose=args.verbose)
+    study.resume(args.dir, report=not args.no_report, verbose=args.verbose, mlflow=args.mlflow)
 
 
 def cmd_study_status(args) -> None:
@@ -162,8 +162,19 @@ def cmd_report(args) -> None:
     print(report.write(args.dir))
 
 
+def cmd_track(args) -> None:
+    from . import tracking
+    print(f"MLflow: {tracking.track(args.dir, args.mlflow, args.experiment)}")
+
+
 def cmd_serve(args) -> None:
     from . import serving
+    if args.study_dir and args.study_dir.startswith("models:/"):
+        from . import tracking
+        if args.checkpoint or args.ensemble or args.site:
+            raise tracking.TrackingError(f"{args.study_dir}: a registered version holds the served model alone; "
+                                         "--checkpoint, --ensemble and --site need the study directory")
+        args.study_dir = tracking.download_model(args.study_dir, args.mlflow)
     serving.serve_blocking(args)
 
 
@@ -256,11 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", help="replaces data.path of the spec (this machine's copy of the data)")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and the trials' output")
+    p.add_argument("--mlflow", metavar="URI", help="log the study to this MLflow tracking server (replaces the "
+                   "spec's tracking.mlflow; default $MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_study_run)
     p = s.add_parser("resume", help="continue a killed or failed study")
     p.add_argument("dir")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and the trials' output")
+    p.add_argument("--mlflow", metavar="URI", help="log to this MLflow tracking server (default: where the study "
+                   "was logged before, else $MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_study_resume)
     p = s.add_parser("status", help="trials per arm and best so far")
     p.add_argument("dir")
@@ -281,13 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, help="the sensitivity or specificity to reach (those policies)")
     p.set_defaults(func=cmd_calibrate)
 
+    p = sub.add_parser("track", help="upload a finished study to MLflow (what is there already is not sent again)")
+    p.add_argument("dir", help="study directory or URI")
+    p.add_argument("--mlflow", metavar="URI", help="tracking server (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", help="MLflow experiment for a study new to this server (default "
+                   "$MLFLOW_EXPERIMENT_NAME, else cxr-ray)")
+    p.set_defaults(func=cmd_track)
+
     p = sub.add_parser("report", help="write DIR/report/index.html and report.md")
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)
 
     # Serve options default to None: serving.build()'s defaults apply (README 'Serving' lists them).
     p = sub.add_parser("serve", help="serve a study's best model over HTTP (Ray Serve)")
-    p.add_argument("study_dir", metavar="dir", nargs="?", help="study directory or URI")
+    p.add_argument("study_dir", metavar="dir", nargs="?",
+                   help="study directory or URI, or a registered model: models:/NAME/VERSION")
+    p.add_argument("--mlflow", metavar="URI", help="the MLflow server of a models:/ URI (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--arm", help="serve this arm's best final model instead of the best arm's")
     p.add_argument("--checkpoint", help="serve this checkpoint directory")
     p.add_argument("--ensemble", action="store_true",

@@ -147,6 +147,14 @@ class External(LabelledSet):
 
 
 @dataclass(frozen=True)
+class Tracking:
+    """Where else the study is logged (tracking.py). Not part of the study's identity: it is neither
+    hashed nor written to the study's spec.yaml (the study directory's tracking.json records it)."""
+    mlflow: str | None = None  # tracking URI (an MLflow server, or a local sqlite:/// or file path)
+    experiment: str | None = None  # default: $MLFLOW_EXPERIMENT_NAME, else cxr-ray
+
+
+@dataclass(frozen=True)
 class Arm:
     name: str
     backbone: str
@@ -157,7 +165,7 @@ class Arm:
 SECTIONS = {"data": DataSection, "budget": Budget, "resources": Resources, "selection": Selection, "final": Final,
             "threshold": Threshold}
 TOP_LEVEL = {"name", "description", "seed", "unmatched", "model", "arms", "search_space", "fixed",
-             "external"} | set(SECTIONS)
+             "external", "tracking"} | set(SECTIONS)
 
 
 def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
@@ -212,13 +220,14 @@ class Spec:
     final: Final
     threshold: Threshold
     external: list[External]
+    tracking: Tracking = field(default_factory=Tracking)
     recorded_hash: str | None = None  # a study's identity stays the hash it was started with
 
     @property
     def raw(self) -> dict:
         """The resolved spec as plain data, as written to the study directory and hashed."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("path", "recorded_hash")}
+               if f.name not in ("path", "recorded_hash", "tracking")}
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
         out["external"] = [dataclasses.asdict(e) for e in self.external]
         out["arms"] = [{k: v for k, v in dataclasses.asdict(a).items() if k != "settings" or v} for a in self.arms]
@@ -449,7 +458,7 @@ def validate(raw: dict, file: str = "spec") -> Spec:
 
     external = _externals(raw.get("external"), file)
     spec = Spec(file, name, str(raw.get("description", "")), seed, unmatched, d, model, arms, space, fixed, b, r, sel,
-                f, t, external)
+                f, t, external, _section(raw, "tracking", file, Tracking))
     # Every configuration this spec can produce must be a valid TrainConfig: all the sampled ones,
     # and every option of every choice (one the seed happens not to draw is still an error).
     samples = sample_configs(spec)

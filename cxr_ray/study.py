@@ -25,7 +25,7 @@ import pandas as pd
 import ray
 from ray import tune
 
-from . import console, data, evaluation, external, models, runtime, spec as specs, storage, training
+from . import console, data, evaluation, external, models, runtime, spec as specs, storage, tracking, training
 from .config import TrainConfig
 from .errors import CxrError
 from .scheduler import PerArmASHA
@@ -96,7 +96,8 @@ def phase_tuner(spec: specs.Spec, sdir: str, phase: str, plans: dict, data_ref) 
                                     reuse_actors=spec.engine == "tune"),
         run_config=tune.RunConfig(name=phase, storage_path=sdir,
                                   failure_config=tune.FailureConfig(max_failures=r.max_failures),
-                                  callbacks=[console.StudyProgress(spec, phase, plans)], verbose=0),
+                                  callbacks=[console.StudyProgress(spec, phase, plans),
+                                             *tracking.tune_callbacks(sdir, phase, plans)], verbose=0),
     )
 
 
@@ -313,9 +314,12 @@ def check_capacity(spec: specs.Spec) -> None:
 
 
 def run(spec_path: str, out: str | None = None, storage_root: str | None = None, *, data_path: str | None = None,
-        report: bool = True, verbose: bool = False) -> str:
-    """Run a study from a spec file; returns the study directory."""
+        report: bool = True, verbose: bool = False, mlflow: str | None = None) -> str:
+    """Run a study from a spec file; returns the study directory. ``mlflow``: a tracking URI that
+    replaces the spec's ``tracking.mlflow``."""
     spec = specs.load(spec_path, data_path)
+    if mlflow:
+        spec.tracking = specs.Tracking(mlflow, spec.tracking.experiment)
     sdir = study_dir(spec, out, storage_root)
     spec_uri = storage.join(sdir, "spec.yaml")
     if storage.exists(spec_uri):
@@ -324,21 +328,25 @@ def run(spec_path: str, out: str | None = None, storage_root: str | None = None,
             raise StudyError(f"{sdir} already holds a study with a different spec; use `cxr-ray study resume "
                              f"{sdir}` to continue it, or choose another --out")
         print(f"{sdir} already holds this study: resuming it", flush=True)
+        existing.tracking = spec.tracking  # where it is logged is no part of the study
         spec = existing
     else:
         storage.write_text(spec_uri, specs.dump(spec))
     return execute(spec, sdir, report=report, verbose=verbose)
 
 
-def resume(sdir: str, *, report: bool = True, verbose: bool = False) -> str:
+def resume(sdir: str, *, report: bool = True, verbose: bool = False, mlflow: str | None = None) -> str:
     sdir = storage.normalize(sdir)
-    return execute(read_spec(sdir), sdir, report=report, verbose=verbose)
+    spec = read_spec(sdir)
+    spec.tracking = specs.Tracking(mlflow)  # None: where the study was tracked before (tracking.json), if anywhere
+    return execute(spec, sdir, report=report, verbose=verbose)
 
 
 def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool = False) -> str:
     start = time.time()
     print(f"study {spec.name} ({spec.hash}) -> {sdir}", flush=True)
     prepared = prepare_data(spec, sdir)
+    tracker = tracking.start(spec, sdir)
     runtime.connect(verbose=verbose, log_file=None if storage.is_remote(sdir) else os.path.join(sdir, "driver.log"))
     check_capacity(spec)
     data_ref = runtime.put_data(prepared)
@@ -363,6 +371,8 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     storage.write_csv(storage.join(sdir, "trial_summary.csv"), summary)
     storage.write_csv(storage.join(sdir, "budget.csv"), budget)
     print(console.budget_lines(budget), flush=True)
+    if tracker:
+        tracker.submit(tracker.log_phase, SEARCH, trials, summary)
     best = best_configs(summary, spec, configs)
     storage.write_json(storage.join(sdir, "best_configs.json"), best)
 
@@ -374,6 +384,8 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     final_trials = collect_trials(final_results, sdir, FINAL, fplans)
     phases[FINAL] = phase_efficiency(final_trials, spec, t0, time.time())
     storage.write_csv(storage.join(sdir, "final_trials.csv"), final_trials)
+    if tracker:
+        tracker.submit(tracker.log_phase, FINAL, final_trials)
 
     # Phase 4: evaluation on the held-out test split, then each external set, scored once.
     outcome = evaluation.evaluate(spec, sdir, prepared, final_trials)
@@ -392,6 +404,8 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
         from . import report as reporting
         path = reporting.write(sdir)
         print(f"report: {path}", flush=True)
+    if tracker:
+        tracking.end(tracker)
     return sdir
 
 

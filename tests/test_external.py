@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from conftest import CLI, encode
-from cxr_ray import data, evaluation, metrics, models, serving, synthetic
+from cxr_ray import data, evaluation, metrics, models, serve_model, serving, synthetic
 
 pytestmark = pytest.mark.e2e
 SIZE = 32
@@ -149,11 +149,11 @@ def test_serve_time_policy_is_chosen_on_validation(study):
     points = pd.read_csv(sdir / "operating_points.csv")
     row = points[(points["arm"] == best["arm"]) & (points["seed"] == best["seed"])
                  & (points["policy"] == "sensitivity")].iloc[0]
-    choice = serving.choose_model(str(sdir), policy="sensitivity:0.95")
+    choice = serve_model.choose_model(str(sdir), policy="sensitivity:0.95")
     assert choice.threshold == pytest.approx(row["raw_threshold"], abs=1e-6)  # float32 scores through CSV
     assert choice.operating_point["policy"] == "sensitivity" and choice.operating_point["target"] == 0.95
-    with pytest.raises(serving.ServingError, match="threshold policy"):
-        serving.choose_model(str(sdir), policy="sensitivity")
+    with pytest.raises(serve_model.ServingError, match="threshold policy"):
+        serve_model.choose_model(str(sdir), policy="sensitivity")
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_site_profile_round_trip(study, served):
     info = requests.get(f"{served}/site/v1/model", timeout=30).json()
     assert info["threshold"] == pytest.approx(profile["model"]["threshold"])
     assert info["operating_point"]["site"] == "siteA" and "150 images" in info["operating_point"]["chosen_on"]
-    default = serving.choose_model(str(sdir))
+    default = serve_model.choose_model(str(sdir))
     assert info["threshold"] != pytest.approx(default.threshold)  # the site moved it
     labels = []
     for it in synthetic.listing(12, 11):
@@ -220,7 +220,7 @@ def test_site_profile_round_trip(study, served):
         labels.append(answer["label"] == ("PNEUMONIA" if answer["probability"] >= info["threshold"] else "NORMAL"))
     assert all(labels)
     with pytest.raises(FileNotFoundError, match="no site profile 'siteB'"):
-        serving.choose_model(str(sdir), site="siteB")
+        serve_model.choose_model(str(sdir), site="siteB")
 
 
 def test_overlap_audit_finds_bytes_and_patient_ids(kaggle_tree, make_kaggle_tree, tmp_path):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import CLI, TINY_SPEC, kill_session
 from cxr_ray import metrics, report
-from cxr_ray.status import trial_id_of
+from cxr_ray.study_layout import trial_id_of
 
 pytestmark = pytest.mark.e2e
 ENGINES = ("tune", "train")
