@@ -8,7 +8,6 @@ most trials at their first epoch.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -87,7 +86,7 @@ def run_killed_and_resumed(root: Path, env: dict, engine: str):
             time.sleep(0.05)
         else:
             pytest.fail("the study never reached the kill point:\n" + (root / "run.log").read_text()[-3000:])
-        driver.send_signal(signal.SIGKILL)
+        kill_session(driver.pid)  # the driver and its local Ray at once: no orphan writes on after the kill
         driver.wait()
         before, stopped_before = trial_results(study), stops(study)
     finally:
