@@ -209,11 +209,39 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, epo
     (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
+def _architecture(meta: dict) -> tuple:
+    return meta["backbone"], meta["head"], meta["hidden"], meta["dropout"], meta["image_size"]
+
+
+def _build_for(meta: dict) -> Classifier:
+    backbone, head, hidden, dropout, image_size = _architecture(meta)
+    return build_model(backbone, head=head, hidden=hidden, dropout=dropout, pretrained=False, image_size=image_size)
+
+
 def load_checkpoint(checkpoint_dir: str | Path) -> tuple[Classifier, dict]:
     """A checkpoint's model (eval mode) and metadata, loaded without pickle."""
     checkpoint_dir = Path(checkpoint_dir)
     meta = json.loads((checkpoint_dir / "meta.json").read_text())
-    model = build_model(meta["backbone"], head=meta["head"], hidden=meta["hidden"], dropout=meta["dropout"],
-                        pretrained=False, image_size=meta["image_size"])
+    model = _build_for(meta)
     model.load_state_dict(load_file(str(checkpoint_dir / "model.safetensors")))
     return model.eval(), meta
+
+
+def predict_checkpoints(checkpoint_dirs: dict, images: np.ndarray, threads: int | None = None,
+                        device: torch.device | None = None) -> dict:
+    """key -> P(pneumonia) of every image of ``images`` under that key's checkpoint (a local
+    directory). One model is built per architecture and its weights are swapped per checkpoint (an
+    arm's seeds share it); inference runs in batches on ``threads`` cores (default: every core this
+    process may use) or on the GPU when there is one."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    rows, built, out = np.arange(len(images)), {}, {}
+    for key, directory in checkpoint_dirs.items():
+        meta = json.loads((Path(directory) / "meta.json").read_text())
+        arch = _architecture(meta)
+        if arch not in built:
+            built[arch] = _build_for(meta).to(device)
+        model = built[arch]
+        model.load_state_dict(load_file(str(Path(directory) / "model.safetensors"), device=str(device)))
+        out[key] = predict(model, images, rows, (meta["mean"], meta["std"]), device)
+    return out

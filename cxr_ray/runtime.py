@@ -85,8 +85,9 @@ def send_ray_logs_to(path: str) -> None:
             logger.addHandler(to_file)
 
 
-def put_data(prepared: Prepared) -> ray.ObjectRef:
-    """Place the decoded images and split rows in the object store once per run.
+def put_data(prepared: Prepared, external: dict[str, np.ndarray] | None = None) -> ray.ObjectRef:
+    """Place the decoded images and split rows in the object store once per run, with the decoded
+    images of the study's ``external`` sets by name (its final runs score them at their last epoch).
 
     Workers on the same node then share one copy (zero-copy numpy); other nodes fetch it.
     """
@@ -94,4 +95,5 @@ def put_data(prepared: Prepared) -> ray.ObjectRef:
         "images": np.ascontiguousarray(prepared.cache.images),
         "labels": prepared.cache.index["label"].to_numpy(np.int8),
         **{name: rows for name, rows in prepared.rows.items()},
+        "external": {name: np.ascontiguousarray(images) for name, images in (external or {}).items()},
     })
