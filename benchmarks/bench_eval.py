@@ -16,6 +16,9 @@ the wall time of a finished study's scoring stages.
   --after-final DIR
                    a finished study's file times after its final phase's last epoch: when each
                    result file was written, ending with the report.
+  --post-final DIR what a study driver runs after its final phase (evaluation, external sets,
+                   report), on a copy of the finished study DIR; with --baseline-tree OLD, the
+                   same stages of the source tree OLD too (which scores external sets afterwards).
 
 Figures only: nothing here asserts on time. The loop's code is kept here (not in the product) as
 the baseline measured in the same process.
@@ -170,6 +173,50 @@ def bench_evaluate(study: str, repeat: int, baseline_tree: str | None) -> None:
         print(f"speed-up: {statistics.median(times['baseline']) / statistics.median(times['this tree']):.1f}x")
 
 
+POST_FINAL = """
+import sys, time
+from cxr_ray import evaluation, external, report, spec as specs, storage, study  # a study driver's imports
+sdir = sys.argv[1]
+spec = specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), sdir)
+prepared = study.prepare_data(spec, sdir, progress=False)  # in a study, all this is done before training
+audited = study.audit_external(spec, sdir, prepared) if hasattr(study, "audit_external") else None
+final_trials = storage.read_csv(storage.join(sdir, "final_trials.csv"))
+start = time.perf_counter()
+evaluation.evaluate(spec, sdir, prepared, final_trials)
+for ext in spec.external:
+    external.evaluate_set(spec, sdir, ext, **({"audited": audited[ext.name]} if audited else {}))
+report.write(sdir)
+print("POST_FINAL", time.perf_counter() - start)
+"""
+
+
+def bench_post_final(study: str, repeat: int, baseline_tree: str | None) -> None:
+    """What a study driver runs after its final phase (evaluation, external sets, report), timed on a
+    copy of the finished study DIR, for this tree and optionally the baseline tree."""
+    print(f"machine: {machine()}")
+    trees = [("this tree", str(REPO))] + ([("baseline", baseline_tree)] if baseline_tree else [])
+    times: dict[str, list[float]] = {label: [] for label, _ in trees}
+    for i in range(repeat):
+        for label, tree in trees:
+            with tempfile.TemporaryDirectory(prefix="bench-post-final-") as tmp:
+                copy = Path(tmp) / "study"
+                shutil.copytree(study, copy, ignore=shutil.ignore_patterns("external", "report", "driver.log"))
+                env = dict(os.environ, PYTHONPATH=tree)
+                env.pop("RAY_ADDRESS", None)
+                run = subprocess.run([sys.executable, "-c", POST_FINAL, str(copy)], env=env, capture_output=True,
+                                     text=True)
+                if run.returncode:
+                    sys.exit(f"{label}: failed:\n{run.stderr[-3000:]}")
+                wall = float(next(ln for ln in run.stdout.splitlines() if ln.startswith("POST_FINAL")).split()[1])
+                times[label].append(wall)
+                print(f"  {label:<10} run {i + 1}: {wall:6.1f} s", flush=True)
+    for label, t in times.items():
+        print(f"after the final phase (evaluation, external sets, report), {label}: median "
+              f"{statistics.median(t):.1f} s (min {min(t):.1f}, max {max(t):.1f}, {len(t)} runs)")
+    if baseline_tree:
+        print(f"speed-up: {statistics.median(times['baseline']) / statistics.median(times['this tree']):.1f}x")
+
+
 def bench_after_final(study: str) -> None:
     """File times after the final phase's last epoch (final_trials.csv: finished_at of each epoch)."""
     sdir = Path(study)
@@ -196,9 +243,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--evaluate", metavar="DIR", help="time `cxr-ray evaluate` on a copy of this finished study")
-    p.add_argument("--baseline-tree", metavar="OLD", help="with --evaluate: also run the CLI from this source tree")
-    p.add_argument("--repeat", type=int, default=3, help="with --evaluate: runs per tree (default 3)")
+    p.add_argument("--baseline-tree", metavar="OLD", help="with --evaluate/--post-final: also run this source tree")
+    p.add_argument("--repeat", type=int, default=3, help="with --evaluate/--post-final: runs per tree (default 3)")
     p.add_argument("--after-final", metavar="DIR", help="file times of a finished study after its last final epoch")
+    p.add_argument("--post-final", metavar="DIR", help="time the stages after the final phase on a copy of DIR")
     p.add_argument("--sizes", type=int, nargs="+", default=[300, 3000], help="images (default 300 3000)")
     p.add_argument("--resamples", type=int, nargs="+", default=[1000, 2000], help="resamples (default 1000 2000)")
     p.add_argument("--per-metric-limit", type=int, default=300 * 2000,
@@ -208,6 +256,8 @@ def main() -> None:
         bench_evaluate(args.evaluate, args.repeat, args.baseline_tree)
     elif args.after_final:
         bench_after_final(args.after_final)
+    elif args.post_final:
+        bench_post_final(args.post_final, args.repeat, args.baseline_tree)
     else:
         bench_bootstrap(args.sizes, args.resamples, args.per_metric_limit)
 

@@ -186,7 +186,8 @@ def score(spec: Spec, y: np.ndarray, counts: np.ndarray, runs: dict[tuple[str, i
     return {"per_run": per_run, "summary": summary, "comparison": comparison}
 
 
-def ensemble_table(y: np.ndarray, counts: np.ndarray, ens: dict[str, Run], probs: dict[str, np.ndarray]) -> pd.DataFrame:
+def ensemble_table(y: np.ndarray, counts: np.ndarray, ens: dict[str, Run],
+                   probs: dict[str, np.ndarray]) -> pd.DataFrame:
     """Each arm's seed ensemble on one set, at its validation-chosen point, with patient-bootstrap CIs."""
     stats = Resampled(y, counts)
     rows = []
@@ -251,7 +252,8 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
                        "probability": runs[(a, s)].val}) for (a, s) in sorted(runs)], ignore_index=True))
     tables = write_set(spec, sdir, {"item": index["item"].to_numpy(), "patient": patients, "label": y}, runs,
                        {k: r.test for k, r in runs.items()}, y_val)
-    summary, comparison, per_run, ens = tables["summary"], tables["comparison"], tables["per_run"], tables["ensemble_runs"]
+    summary, comparison, per_run = tables["summary"], tables["comparison"], tables["per_run"]
+    ens = tables["ensemble_runs"]
     best_arm = summary.iloc[0]["arm"]
     chosen = runs[tuple(per_run[per_run.arm == best_arm].sort_values("val_auroc", ascending=False, kind="stable")
                         .iloc[0][["arm", "seed"]])]  # the best arm's model to serve: chosen on validation, not test

@@ -222,7 +222,8 @@ def resampled(y, p, threshold: float, counts: np.ndarray) -> dict[str, np.ndarra
     at_threshold = rates(tp, fp, neg - fp, pos - tp)
     gap = np.zeros((len(p), CALIBRATION_BINS))  # (p - y) of each image, in its calibration bin's column
     gap[np.arange(len(p)), calibration_bin(p)] = p - y
-    out = {"auroc": _auroc_from_counts(tps, fps), **{m: at_threshold[m] for m in ("accuracy", "sensitivity", "specificity", "f1")},
+    out = {"auroc": _auroc_from_counts(tps, fps),
+           **{m: at_threshold[m] for m in ("accuracy", "sensitivity", "specificity", "f1")},
            "ece": np.abs(counts @ gap).sum(1) / (pos + neg)}
     single = (pos == 0) | (neg == 0)
     for values in out.values():

@@ -51,6 +51,11 @@ def write_folder(root: Path, items, pixels, labels) -> Path:
     return root
 
 
+def synthetic_images(root: Path, n: int) -> np.ndarray:
+    source = data.list_source("synthetic", synthetic_images=n, synthetic_seed=5, synthetic_shift=1.0)
+    return data.build_cache(source, SIZE, root, progress=False).images
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, study_env) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("external")
@@ -92,6 +97,28 @@ def test_the_study_scores_its_external_set_once_with_cis_and_a_verdict(study):
     assert "external_othersite_roc" in section and "external_othersite_calibration" in section
     for png in ("external_othersite_roc.png", "external_othersite_calibration.png"):
         assert (sdir / "report" / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_final_runs_score_the_external_set_with_the_model_they_checkpoint(study, tmp_path):
+    """Each final run scores the study's external set at its last epoch (saved beside its
+    checkpoint, used by external/othersite/): the probabilities its checkpoint gives when scored
+    afresh. Scoring afresh builds one model per backbone and swaps each seed's weights in: the same
+    probabilities as a model built per checkpoint."""
+    import torch
+    sdir, _ = study
+    final = pd.read_csv(sdir / "final.csv")
+    images = synthetic_images(tmp_path, 200)
+    fresh = models.predict_checkpoints({(r.arm, r.seed): sdir / r.checkpoint for r in final.itertuples()}, images)
+    predictions = pd.read_csv(sdir / "external" / "othersite" / "predictions.csv")
+    for r in final.itertuples():
+        saved = np.load(sdir / r.checkpoint / "external_othersite_probabilities.npy")
+        np.testing.assert_allclose(saved, fresh[(r.arm, r.seed)], atol=1e-6)
+        mine = predictions[(predictions["arm"] == r.arm) & (predictions["seed"] == r.seed)]
+        np.testing.assert_allclose(mine["probability"], metrics.apply_platt(saved, None if pd.isna(r.platt_a) else
+                                                                            (r.platt_a, r.platt_b)), atol=1e-6)
+        model, meta = models.load_checkpoint(sdir / r.checkpoint)
+        alone = models.predict(model, images, np.arange(len(images)), (meta["mean"], meta["std"]), torch.device("cpu"))
+        np.testing.assert_allclose(fresh[(r.arm, r.seed)], alone, rtol=0, atol=1e-7)
 
 
 def test_post_hoc_sets_change_nothing_the_study_chose(study, study_env, tmp_path):
@@ -141,6 +168,29 @@ def test_post_hoc_sets_change_nothing_the_study_chose(study, study_env, tmp_path
     again_run = subprocess.run(CLI + ["evaluate", str(sdir), "--external", f"again={same}"], env=study_env,
                                capture_output=True, text=True, timeout=300)
     assert again_run.returncode == 2 and "already evaluated" in again_run.stderr
+
+
+def test_on_a_cluster_checkpoints_are_scored_by_a_ray_task(study, local_ray, monkeypatch, tmp_path):
+    """With RAY_ADDRESS set (a cluster), scoring is one Ray task with a trial worker's resources,
+    whose probabilities are those of scoring here. (Before the served fixture: its replicas hold
+    both CPUs of the local instance.)"""
+    import ray
+    from ray.util.state import list_tasks
+
+    from cxr_ray import external, spec as specs
+    sdir, _ = study
+    spec = specs.validate_text((sdir / "spec.yaml").read_text(), str(sdir))
+    final = pd.read_csv(sdir / "final.csv")
+    checkpoints = {(r.arm, r.seed): r.checkpoint for r in final.itertuples()}
+    images = synthetic_images(tmp_path, 40)
+    here = external.score_checkpoints(spec, str(sdir), checkpoints, images)
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # the instance this process joined
+    there = external.score_checkpoints(spec, str(sdir), checkpoints, images)
+    assert there.keys() == here.keys()
+    for key in here:
+        np.testing.assert_allclose(there[key], here[key], atol=1e-6)
+    tasks = list_tasks(filters=[("func_or_class_name", "=", "_score_here")], raise_on_missing_output=False)
+    assert [t.state for t in tasks] == ["FINISHED"]
 
 
 def test_serve_time_policy_is_chosen_on_validation(study):
