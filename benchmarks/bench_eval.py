@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -143,34 +144,51 @@ def bench_bootstrap(sizes: list[int], resamples: list[int], skip_per_metric_abov
 # ----------------------------------------------------------------------------- a finished study
 
 
-def bench_evaluate(study: str, repeat: int, baseline_tree: str | None) -> None:
+def child_cpu_seconds() -> float:
+    """CPU time of the finished child processes (and theirs): on a busy machine, wall time lies more."""
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return c.ru_utime + c.ru_stime
+
+
+def interleaved(what: str, measure, repeat: int, baseline_tree: str | None) -> None:
+    """``measure(tree, i)`` -> (wall s, cpu s) for this tree and the baseline tree, interleaved run by
+    run (background load hits both alike); the medians and the ratio."""
     print(f"machine: {machine()}")
     trees = [("this tree", str(REPO))] + ([("baseline", baseline_tree)] if baseline_tree else [])
-    times: dict[str, list[float]] = {label: [] for label, _ in trees}
+    walls: dict[str, list[float]] = {label: [] for label, _ in trees}
     for i in range(repeat):
         for label, tree in trees:
-            with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
-                copy = Path(tmp) / "study"
-                shutil.copytree(study, copy, ignore=shutil.ignore_patterns("report"))
-                shutil.copytree(Path(study) / "report", copy / "report")
-                env = dict(os.environ, PYTHONPATH=tree, CXR_RAY_CACHE=str(Path(tmp) / "cache"))
-                env.pop("RAY_ADDRESS", None)
-                cmd = [str(Path(tree) / ".venv/bin/cxr-ray") if (Path(tree) / ".venv/bin/cxr-ray").exists()
-                       else str(REPO / ".venv/bin/cxr-ray"), "evaluate", str(copy), "--external",
-                       f"bench{i}=synthetic", "--source", "synthetic", "--synthetic-images", "300",
-                       "--synthetic-seed", "9", "--synthetic-shift", "1.0"]
-                start = time.perf_counter()
-                run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                wall = time.perf_counter() - start
-                if run.returncode:
-                    sys.exit(f"{label}: cxr-ray evaluate failed:\n{run.stderr[-2000:]}")
-                times[label].append(wall)
-                print(f"  {label:<10} run {i + 1}: {wall:6.1f} s", flush=True)
-    for label, t in times.items():
-        print(f"cxr-ray evaluate, 300-image external set, {label}: median {statistics.median(t):.1f} s "
-              f"(min {min(t):.1f}, max {max(t):.1f}, {len(t)} runs)")
+            wall, cpu = measure(tree, i)
+            walls[label].append(wall)
+            print(f"  {label:<10} run {i + 1}: {wall:6.1f} s wall, {cpu:6.1f} s cpu", flush=True)
+    for label, t in walls.items():
+        print(f"{what}, {label}: median {statistics.median(t):.1f} s (min {min(t):.1f}, max {max(t):.1f}, "
+              f"{len(t)} runs)")
     if baseline_tree:
-        print(f"speed-up: {statistics.median(times['baseline']) / statistics.median(times['this tree']):.1f}x")
+        print(f"speed-up: {statistics.median(walls['baseline']) / statistics.median(walls['this tree']):.1f}x")
+
+
+def study_copy(study: str, tmp: str, leave_out: tuple[str, ...] = ()) -> Path:
+    copy = Path(tmp) / "study"
+    shutil.copytree(study, copy, ignore=shutil.ignore_patterns(*leave_out))
+    return copy
+
+
+def evaluate_once(study: str, tree: str, i: int) -> tuple[float, float]:
+    """`cxr-ray evaluate` on a copy of ``study`` with the source tree ``tree``; its cpu includes the
+    command's decoder processes."""
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        copy = study_copy(study, tmp)
+        env = dict(os.environ, PYTHONPATH=tree, CXR_RAY_CACHE=str(Path(tmp) / "cache"))
+        env.pop("RAY_ADDRESS", None)
+        cmd = [str(Path(sys.executable).parent / "cxr-ray"), "evaluate", str(copy), "--external",
+               f"bench{i}=synthetic", "--source", "synthetic", "--synthetic-images", "300", "--synthetic-seed", "9",
+               "--synthetic-shift", "1.0"]
+        start, cpu = time.perf_counter(), child_cpu_seconds()
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(f"{tree}: cxr-ray evaluate failed:\n{run.stderr[-2000:]}")
+        return time.perf_counter() - start, child_cpu_seconds() - cpu
 
 
 POST_FINAL = """
@@ -181,40 +199,28 @@ spec = specs.validate_text(storage.read_text(storage.join(sdir, "spec.yaml")), s
 prepared = study.prepare_data(spec, sdir, progress=False)  # in a study, all this is done before training
 audited = study.audit_external(spec, sdir, prepared) if hasattr(study, "audit_external") else None
 final_trials = storage.read_csv(storage.join(sdir, "final_trials.csv"))
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 evaluation.evaluate(spec, sdir, prepared, final_trials)
 for ext in spec.external:
     external.evaluate_set(spec, sdir, ext, **({"audited": audited[ext.name]} if audited else {}))
 report.write(sdir)
-print("POST_FINAL", time.perf_counter() - start)
+print("POST_FINAL", time.perf_counter() - start, time.process_time() - cpu)
 """
 
 
-def bench_post_final(study: str, repeat: int, baseline_tree: str | None) -> None:
-    """What a study driver runs after its final phase (evaluation, external sets, report), timed on a
-    copy of the finished study DIR, for this tree and optionally the baseline tree."""
-    print(f"machine: {machine()}")
-    trees = [("this tree", str(REPO))] + ([("baseline", baseline_tree)] if baseline_tree else [])
-    times: dict[str, list[float]] = {label: [] for label, _ in trees}
-    for i in range(repeat):
-        for label, tree in trees:
-            with tempfile.TemporaryDirectory(prefix="bench-post-final-") as tmp:
-                copy = Path(tmp) / "study"
-                shutil.copytree(study, copy, ignore=shutil.ignore_patterns("external", "report", "driver.log"))
-                env = dict(os.environ, PYTHONPATH=tree)
-                env.pop("RAY_ADDRESS", None)
-                run = subprocess.run([sys.executable, "-c", POST_FINAL, str(copy)], env=env, capture_output=True,
-                                     text=True)
-                if run.returncode:
-                    sys.exit(f"{label}: failed:\n{run.stderr[-3000:]}")
-                wall = float(next(ln for ln in run.stdout.splitlines() if ln.startswith("POST_FINAL")).split()[1])
-                times[label].append(wall)
-                print(f"  {label:<10} run {i + 1}: {wall:6.1f} s", flush=True)
-    for label, t in times.items():
-        print(f"after the final phase (evaluation, external sets, report), {label}: median "
-              f"{statistics.median(t):.1f} s (min {min(t):.1f}, max {max(t):.1f}, {len(t)} runs)")
-    if baseline_tree:
-        print(f"speed-up: {statistics.median(times['baseline']) / statistics.median(times['this tree']):.1f}x")
+def post_final_once(study: str, tree: str, i: int) -> tuple[float, float]:
+    """What a study driver of ``tree`` runs after its final phase (evaluation, external sets,
+    report) on a copy of ``study``: the old tree scores the external sets from checkpoints then, the
+    new one reads what the final runs saved."""
+    with tempfile.TemporaryDirectory(prefix="bench-post-final-") as tmp:
+        copy = study_copy(study, tmp, ("external", "report", "driver.log"))
+        env = dict(os.environ, PYTHONPATH=tree)
+        env.pop("RAY_ADDRESS", None)
+        run = subprocess.run([sys.executable, "-c", POST_FINAL, str(copy)], env=env, capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(f"{tree}: failed:\n{run.stderr[-3000:]}")
+        wall, cpu = next(ln for ln in run.stdout.splitlines() if ln.startswith("POST_FINAL")).split()[1:]
+        return float(wall), float(cpu)
 
 
 def bench_after_final(study: str) -> None:
@@ -253,11 +259,13 @@ def main() -> None:
                    help="run the six-bootstrap loop only up to images x resamples (default 600000: it is slow)")
     args = p.parse_args()
     if args.evaluate:
-        bench_evaluate(args.evaluate, args.repeat, args.baseline_tree)
+        interleaved("cxr-ray evaluate, 300-image external set", lambda tree, i: evaluate_once(args.evaluate, tree, i),
+                    args.repeat, args.baseline_tree)
     elif args.after_final:
         bench_after_final(args.after_final)
     elif args.post_final:
-        bench_post_final(args.post_final, args.repeat, args.baseline_tree)
+        interleaved("after the final phase (evaluation, external sets, report)",
+                    lambda tree, i: post_final_once(args.post_final, tree, i), args.repeat, args.baseline_tree)
     else:
         bench_bootstrap(args.sizes, args.resamples, args.per_metric_limit)
 

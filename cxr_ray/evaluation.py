@@ -12,7 +12,9 @@ operating point). Against the best arm (highest mean test AUROC) every other arm
   - DeLong's test on the seed-averaged probabilities,
   - McNemar's test on the seed-averaged decisions.
 On an external set the comparisons are against the arm the study chose, so the verdict can be
-checked there. Nothing here trains or selects anything; this module needs neither Ray nor torch.
+checked there. Every table of a set (per arm, paired tests, ensembles) reads one matrix of patient
+resamples (``metrics.resample_counts``), so all of them see the same patients. Nothing here trains
+or selects anything; this module needs neither Ray nor torch.
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-class Resampled:
+class SetMetrics:
     """The reported metrics of runs on one set, on the set itself (``point``) and on each patient
     resample (``boot``: the same draws for every run, so differences are paired)."""
 
@@ -137,7 +139,7 @@ def score(spec: Spec, y: np.ndarray, counts: np.ndarray, runs: dict[tuple[str, i
     every arm against ``versus`` (default: the set's own best arm), each run at its
     validation-chosen point."""
     served = {k: runs[k].served(p) for k, p in sorted(probs.items())}
-    stats = Resampled(y, counts)
+    stats = SetMetrics(y, counts)
     rows = []
     for (a, s), p in served.items():
         r = runs[(a, s)]
@@ -189,7 +191,7 @@ def score(spec: Spec, y: np.ndarray, counts: np.ndarray, runs: dict[tuple[str, i
 def ensemble_table(y: np.ndarray, counts: np.ndarray, ens: dict[str, Run],
                    probs: dict[str, np.ndarray]) -> pd.DataFrame:
     """Each arm's seed ensemble on one set, at its validation-chosen point, with patient-bootstrap CIs."""
-    stats = Resampled(y, counts)
+    stats = SetMetrics(y, counts)
     rows = []
     for arm, run in ens.items():
         stats.add(arm, run.served(probs[arm]), run.threshold)

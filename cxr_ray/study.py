@@ -1,11 +1,12 @@
 """Running a study: paired ASHA search per arm, then multi-seed final training, on Ray Tune.
 
 Phases, each reading what the previous one wrote to the study directory:
-  1. data      spec.yaml, split.csv, data_report.json, configs.csv
+  1. data      spec.yaml, split.csv, data_report.json (with each external set's audit), configs.csv
   2. search    Tune experiment ``search``: every arm x the same sampled configurations, one
                Ray Train run per trial, stopped by per-arm ASHA; trials.csv, budget.csv
   3. final     Tune experiment ``final``: each arm's best configuration retrained with every
-               final seed for the same epochs, scored on the held-out test split
+               final seed for the same epochs; each run scores the held-out test split and
+               every external set at its last epoch (so scoring overlaps the runs still training)
   4. evaluate  final.csv, summary.csv, comparison.csv, predictions.csv, best.json (evaluation.py)
 Killing the driver loses nothing: ``resume`` restores both Tune experiments, skips finished
 trials and continues unfinished ones from their last Ray Train checkpoint.

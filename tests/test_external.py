@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,11 @@ def write_folder(root: Path, items, pixels, labels) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / it.name).write_bytes(encode(px, "PNG"))  # lossless: the same pixels as the generator's
     return root
+
+
+def platt(row) -> tuple[float, float] | None:
+    """A final.csv row's Platt parameters (None: an uncalibrated operating point)."""
+    return None if pd.isna(row.platt_a) else (row.platt_a, row.platt_b)
 
 
 def synthetic_images(root: Path, n: int) -> np.ndarray:
@@ -114,8 +120,7 @@ def test_final_runs_score_the_external_set_with_the_model_they_checkpoint(study,
         saved = np.load(sdir / r.checkpoint / "external_othersite_probabilities.npy")
         np.testing.assert_allclose(saved, fresh[(r.arm, r.seed)], atol=1e-6)
         mine = predictions[(predictions["arm"] == r.arm) & (predictions["seed"] == r.seed)]
-        np.testing.assert_allclose(mine["probability"], metrics.apply_platt(saved, None if pd.isna(r.platt_a) else
-                                                                            (r.platt_a, r.platt_b)), atol=1e-6)
+        np.testing.assert_allclose(mine["probability"], metrics.apply_platt(saved, platt(r)), atol=1e-6)
         model, meta = models.load_checkpoint(sdir / r.checkpoint)
         alone = models.predict(model, images, np.arange(len(images)), (meta["mean"], meta["std"]), torch.device("cpu"))
         np.testing.assert_allclose(fresh[(r.arm, r.seed)], alone, rtol=0, atol=1e-7)
@@ -170,27 +175,38 @@ def test_post_hoc_sets_change_nothing_the_study_chose(study, study_env, tmp_path
     assert again_run.returncode == 2 and "already evaluated" in again_run.stderr
 
 
-def test_on_a_cluster_checkpoints_are_scored_by_a_ray_task(study, local_ray, monkeypatch, tmp_path):
-    """With RAY_ADDRESS set (a cluster), scoring is one Ray task with a trial worker's resources,
-    whose probabilities are those of scoring here. (Before the served fixture: its replicas hold
-    both CPUs of the local instance.)"""
+LIGHT_CLI = """
+import sys
+from cxr_ray import cli
+cli.main(sys.argv[1:])
+print("HEAVY", ",".join(sorted(m for m in ("torch", "timm", "ray.train", "ray.tune") if m in sys.modules)))
+"""
+
+
+def test_on_a_cluster_evaluate_scores_in_a_ray_task_and_imports_no_torch(study, study_env, local_ray, tmp_path):
+    """`cxr-ray evaluate` with RAY_ADDRESS set (a cluster: here the local instance this test joined)
+    ships the images to one Ray task with a trial worker's resources; the command never imports
+    torch, and the probabilities are those of scoring here. (Before the served fixture: its
+    replicas hold both CPUs of the local instance.)"""
     import ray
     from ray.util.state import list_tasks
-
-    from cxr_ray import external, spec as specs
     sdir, _ = study
-    spec = specs.validate_text((sdir / "spec.yaml").read_text(), str(sdir))
-    final = pd.read_csv(sdir / "final.csv")
-    checkpoints = {(r.arm, r.seed): r.checkpoint for r in final.itertuples()}
-    images = synthetic_images(tmp_path, 40)
-    here = external.score_checkpoints(spec, str(sdir), checkpoints, images)
-    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # the instance this process joined
-    there = external.score_checkpoints(spec, str(sdir), checkpoints, images)
-    assert there.keys() == here.keys()
-    for key in here:
-        np.testing.assert_allclose(there[key], here[key], atol=1e-6)
+    env = study_env | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    run = subprocess.run([sys.executable, "-c", LIGHT_CLI, "evaluate", str(sdir), "--external", "cluster=synthetic",
+                          "--source", "synthetic", "--synthetic-images", "40", "--synthetic-seed", "5",
+                          "--synthetic-shift", "1.0"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    heavy = next(ln for ln in reversed(run.stdout.splitlines()) if ln.startswith("HEAVY"))
+    assert heavy.removeprefix("HEAVY").strip() == "", heavy
     tasks = list_tasks(filters=[("func_or_class_name", "=", "_score_here")], raise_on_missing_output=False)
     assert [t.state for t in tasks] == ["FINISHED"]
+    final = pd.read_csv(sdir / "final.csv")
+    here = models.predict_checkpoints({(r.arm, r.seed): sdir / r.checkpoint for r in final.itertuples()},
+                                      synthetic_images(tmp_path, 40))
+    predictions = pd.read_csv(sdir / "external" / "cluster" / "predictions.csv")
+    for r in final.itertuples():
+        mine = predictions[(predictions["arm"] == r.arm) & (predictions["seed"] == r.seed)]
+        np.testing.assert_allclose(mine["probability"], metrics.apply_platt(here[(r.arm, r.seed)], platt(r)), atol=1e-6)
 
 
 def test_serve_time_policy_is_chosen_on_validation(study):
