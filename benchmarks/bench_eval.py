@@ -18,7 +18,8 @@ the wall time of a finished study's scoring stages.
                    result file was written, ending with the report.
   --post-final DIR what a study driver runs after its final phase (evaluation, external sets,
                    report), on a copy of the finished study DIR; with --baseline-tree OLD, the
-                   same stages of the source tree OLD too (which scores external sets afterwards).
+                   same stages of the source tree OLD too (which scores external sets afterwards),
+                   and the largest difference between the two trees' result tables.
 
 Figures only: nothing here asserts on time. The loop's code is kept here (not in the product) as
 the baseline measured in the same process.
@@ -208,19 +209,38 @@ print("POST_FINAL", time.perf_counter() - start, time.process_time() - cpu)
 """
 
 
-def post_final_once(study: str, tree: str, i: int) -> tuple[float, float]:
+RESULT_TABLES = ("summary", "comparison", "ensembles", "final", "operating_points")
+
+
+def post_final_once(study: str, tree: str, tables: dict) -> tuple[float, float]:
     """What a study driver of ``tree`` runs after its final phase (evaluation, external sets,
     report) on a copy of ``study``: the old tree scores the external sets from checkpoints then, the
-    new one reads what the final runs saved."""
+    new one reads what the final runs saved. Keeps the result tables of ``tree`` in ``tables``."""
     with tempfile.TemporaryDirectory(prefix="bench-post-final-") as tmp:
         copy = study_copy(study, tmp, ("external", "report", "driver.log"))
         env = dict(os.environ, PYTHONPATH=tree)
         env.pop("RAY_ADDRESS", None)
-        run = subprocess.run([sys.executable, "-c", POST_FINAL, str(copy)], env=env, capture_output=True, text=True)
+        run = subprocess.run([sys.executable, "-c", POST_FINAL, str(copy)], env=env, capture_output=True, text=True,
+                             cwd=tree)  # python -c puts the working directory first on sys.path
         if run.returncode:
             sys.exit(f"{tree}: failed:\n{run.stderr[-3000:]}")
+        tables[tree] = {str(f.relative_to(copy)): pd.read_csv(f) for name in RESULT_TABLES
+                        for f in [copy / f"{name}.csv", *copy.glob(f"external/*/{name}.csv")]}
         wall, cpu = next(ln for ln in run.stdout.splitlines() if ln.startswith("POST_FINAL")).split()[1:]
         return float(wall), float(cpu)
+
+
+def compare_tables(mine: dict, theirs: dict) -> None:
+    """The largest difference of every number in the two trees' result tables (the same probabilities
+    in, so the same statistics out)."""
+    print("same numbers? largest absolute difference per table, this tree vs baseline:")
+    for name in sorted(mine):
+        a, b = mine[name], theirs[name]
+        numeric = [c for c in a.columns if c in b and pd.api.types.is_numeric_dtype(a[c]) and len(a) == len(b)]
+        diff = max((float(np.nanmax(np.abs(a[c].to_numpy(float) - b[c].to_numpy(float)), initial=0.0))
+                    for c in numeric), default=float("nan"))
+        other = [c for c in a.columns if c not in numeric and c in b and not a[c].equals(b[c])]
+        print(f"  {name:<40} {diff:.1e}" + (f"  (differs: {', '.join(other)})" if other else ""))
 
 
 def bench_after_final(study: str) -> None:
@@ -264,8 +284,11 @@ def main() -> None:
     elif args.after_final:
         bench_after_final(args.after_final)
     elif args.post_final:
+        tables: dict = {}
         interleaved("after the final phase (evaluation, external sets, report)",
-                    lambda tree, i: post_final_once(args.post_final, tree, i), args.repeat, args.baseline_tree)
+                    lambda tree, i: post_final_once(args.post_final, tree, tables), args.repeat, args.baseline_tree)
+        if args.baseline_tree:
+            compare_tables(tables[str(REPO)], tables[args.baseline_tree])
     else:
         bench_bootstrap(args.sizes, args.resamples, args.per_metric_limit)
 

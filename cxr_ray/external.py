@@ -4,7 +4,9 @@ Both are labelled image sets decoded at the study's image size by the cache's ow
 the study's final checkpoints (nothing is retrained), and kept apart from every choice the study
 made: an external set is audited against the study's images, then scored once
 (``evaluation.evaluate_external``); a site sample fits a threshold (and calibration) for serving at
-that site, stored as a named profile in the study directory (``sites/<name>.json``).
+that site, stored as a named profile in the study directory (``sites/<name>.json``). The external
+sets a study names are scored by its final runs themselves, at their last epoch; sets scored later
+(and site samples) by the checkpoints, here or, on a cluster, in a Ray task.
 """
 from __future__ import annotations
 
