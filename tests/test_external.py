@@ -191,7 +191,7 @@ def test_on_a_cluster_evaluate_scores_in_a_ray_task_and_imports_no_torch(study, 
     import ray
     from ray.util.state import list_tasks
     sdir, _ = study
-    env = study_env | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = study_env | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}  # Ray's default
     run = subprocess.run([sys.executable, "-c", LIGHT_CLI, "evaluate", str(sdir), "--external", "cluster=synthetic",
                           "--source", "synthetic", "--synthetic-images", "40", "--synthetic-seed", "5",
                           "--synthetic-shift", "1.0"], env=env, capture_output=True, text=True, timeout=600)
