@@ -49,10 +49,10 @@ def audit(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: str | No
                                       "classes": flagged["label"].value_counts().sort_index().to_dict()}
 
 
-def _score_here(sdir: str, checkpoints: dict, images: np.ndarray, threads: int | None = None) -> dict:
+def _score_here(sdir: str, checkpoints: dict, images: np.ndarray, workers: int | None = None) -> dict:
     from . import models  # torch and timm: imported only where checkpoints are scored
     return models.predict_checkpoints({k: storage.local_dir(storage.join(sdir, c)) for k, c in checkpoints.items()},
-                                      images, threads)
+                                      images, workers)
 
 
 def score_checkpoints(spec: specs.Spec, sdir: str, checkpoints: dict, images: np.ndarray) -> dict:
@@ -60,7 +60,7 @@ def score_checkpoints(spec: specs.Spec, sdir: str, checkpoints: dict, images: np
 
     On a cluster (RAY_ADDRESS set) the scoring is one Ray task with a trial worker's resources (its
     GPU, its custom resources), on a node that reads the study's storage: this process ships the
-    images and never imports torch. Here, it runs in this process on every core."""
+    images and never imports torch. Here, it runs in this process, on every core."""
     if not os.environ.get("RAY_ADDRESS"):
         return _score_here(sdir, checkpoints, images)
     import ray

@@ -108,8 +108,8 @@ def test_the_study_scores_its_external_set_once_with_cis_and_a_verdict(study):
 def test_final_runs_score_the_external_set_with_the_model_they_checkpoint(study, tmp_path):
     """Each final run scores the study's external set at its last epoch (saved beside its
     checkpoint, used by external/othersite/): the probabilities its checkpoint gives when scored
-    afresh. Scoring afresh builds one model per backbone and swaps each seed's weights in: the same
-    probabilities as a model built per checkpoint."""
+    afresh. Scoring afresh builds one model per backbone (and worker) and swaps each seed's weights
+    in: the same probabilities as a model built per checkpoint."""
     import torch
     sdir, _ = study
     final = pd.read_csv(sdir / "final.csv")
