@@ -12,7 +12,9 @@ operating point). Against the best arm (highest mean test AUROC) every other arm
   - DeLong's test on the seed-averaged probabilities,
   - McNemar's test on the seed-averaged decisions.
 On an external set the comparisons are against the arm the study chose, so the verdict can be
-checked there. Nothing here trains or selects anything; this module needs neither Ray nor torch.
+checked there. Every table of a set (per arm, paired tests, ensembles) reads one matrix of patient
+resamples (``metrics.resample_counts``), so all of them see the same patients. Nothing here trains
+or selects anything; this module needs neither Ray nor torch.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def choose_point(policy: str, target: float | None, y_val: np.ndarray, p_val: np
     return (0.5, point["platt"]) if point["platt"] else (point["threshold"], None)
 
 
-def _npy(uri: str) -> np.ndarray:
+def read_npy(uri: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(uri)))
 
 
@@ -72,10 +74,10 @@ def load_runs(spec: Spec, sdir: str, final_trials: pd.DataFrame, y_val: np.ndarr
         ckpt = storage.join(sdir, last["checkpoint"])
         if not last["checkpoint"] or not storage.exists(storage.join(ckpt, "test_probabilities.npy")):
             continue  # unfinished run: reported as missing
-        val = _npy(storage.join(ckpt, "val_probabilities.npy"))
+        val = read_npy(storage.join(ckpt, "val_probabilities.npy"))
         threshold, platt = choose_point(spec.threshold.policy, spec.threshold.target, y_val, val)
         out[(arm, int(seed))] = Run(arm, int(seed), [last["checkpoint"]], float(last["val_auroc"]), val,
-                                    _npy(storage.join(ckpt, "test_probabilities.npy")), threshold, platt)
+                                    read_npy(storage.join(ckpt, "test_probabilities.npy")), threshold, platt)
     return out
 
 
@@ -96,15 +98,6 @@ def ensembles(spec: Spec, runs: dict[tuple[str, int], Run], y_val: np.ndarray) -
 
 # ----------------------------------------------------------------------------- statistics of one set
 
-def _seed_mean(metric: str, thresholds: np.ndarray):
-    def statistic(y, probs):
-        values = []
-        for p, t in zip(probs, thresholds):
-            values.append(metrics.auroc(y, p) if metric == "auroc" else metrics.summary(y, p, t)[metric])
-        return float(np.mean(values))
-    return statistic
-
-
 def holm(p_values: list[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (step-down, monotone)."""
     order = np.argsort(p_values)
@@ -116,43 +109,66 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def score(spec: Spec, y: np.ndarray, patients: np.ndarray, runs: dict[tuple[str, int], Run],
+class SetMetrics:
+    """The reported metrics of runs on one set, on the set itself (``point``) and on each patient
+    resample (``boot``: the same draws for every run, so differences are paired)."""
+
+    def __init__(self, y: np.ndarray, counts: np.ndarray):
+        self.y, self.counts, self.ones = y, counts, np.ones((1, len(y)))
+        self.point, self.boot = {}, {}
+
+    def add(self, key, p: np.ndarray, threshold: float) -> None:
+        self.point[key] = metrics.resampled(self.y, p, threshold, self.ones)
+        self.boot[key] = metrics.resampled(self.y, p, threshold, self.counts)
+
+    def mean(self, keys: list, m: str) -> tuple[float, np.ndarray]:
+        """The mean of ``m`` over ``keys`` (an arm's seeds): on the set, and on every resample."""
+        return (float(np.mean([self.point[k][m] for k in keys], axis=0)[0]),
+                np.mean([self.boot[k][m] for k in keys], axis=0))
+
+    def with_ci(self, keys: list, m: str) -> dict[str, float]:
+        point, values = self.mean(keys, m)
+        lo, hi = metrics.percentile_ci(values)
+        return {m: point, f"{m}_ci_low": lo, f"{m}_ci_high": hi}
+
+
+def score(spec: Spec, y: np.ndarray, counts: np.ndarray, runs: dict[tuple[str, int], Run],
           probs: dict[tuple[str, int], np.ndarray], versus: str | None = None) -> dict[str, pd.DataFrame]:
-    """The statistics of one evaluation set (labels ``y``, ``patients``, each run's raw ``probs``):
-    per run, per arm (seed mean with patient-bootstrap CIs) and paired tests of every arm against
-    ``versus`` (default: the set's own best arm), each run at its validation-chosen point."""
-    n_boot, seed = spec.final.bootstrap, spec.seed
-    served = {k: runs[k].served(p) for k, p in probs.items()}
+    """The statistics of one evaluation set (labels ``y``, patient resamples ``counts``, each run's
+    raw ``probs``): per run, per arm (seed mean with patient-bootstrap CIs) and paired tests of
+    every arm against ``versus`` (default: the set's own best arm), each run at its
+    validation-chosen point."""
+    served = {k: runs[k].served(p) for k, p in sorted(probs.items())}
+    stats = SetMetrics(y, counts)
     rows = []
-    for a, s in sorted(served):
+    for (a, s), p in served.items():
         r = runs[(a, s)]
+        stats.add((a, s), p, r.threshold)
         rows.append({"arm": a, "seed": s, "threshold": r.threshold, "val_auroc": r.val_auroc,
-                     **metrics.summary(y, served[(a, s)], r.threshold), "checkpoint": r.checkpoints[0],
+                     **{m: float(stats.point[(a, s)][m][0]) for m in metrics.REPORTED}, "checkpoint": r.checkpoints[0],
                      "platt_a": r.platt[0] if r.platt else None, "platt_b": r.platt[1] if r.platt else None})
     per_run = pd.DataFrame(rows)
     arms = [a for a in spec.arm_names if a in set(per_run["arm"])]
-    stacked = {a: (np.stack([served[k] for k in sorted(served) if k[0] == a]),
-                   np.array([runs[k].threshold for k in sorted(served) if k[0] == a])) for a in arms}
+    seeds = {a: [k for k in served if k[0] == a] for a in arms}
     summary = []
     for a in arms:
-        p, t = stacked[a]
-        row = {"arm": a, "seeds": len(t), "missing_seeds": len(spec.final.seeds) - len(t)}
+        row = {"arm": a, "seeds": len(seeds[a]), "missing_seeds": len(spec.final.seeds) - len(seeds[a])}
         for m in metrics.REPORTED:
-            point, lo, hi = metrics.bootstrap_ci(_seed_mean(m, t), [y, p], patients, n_boot, seed)
-            row |= {m: point, f"{m}_ci_low": lo, f"{m}_ci_high": hi,
-                    f"{m}_seed_sd": float(per_run[per_run.arm == a][m].std(ddof=1)) if len(t) > 1 else 0.0}
+            row |= stats.with_ci(seeds[a], m) | {
+                f"{m}_seed_sd": float(per_run[per_run.arm == a][m].std(ddof=1)) if len(seeds[a]) > 1 else 0.0}
         summary.append(row)
     summary = pd.DataFrame(summary).sort_values("auroc", ascending=False, kind="stable")
-    versus = versus if versus in stacked else summary.iloc[0]["arm"]
+    versus = versus if versus in seeds else summary.iloc[0]["arm"]
 
     comparison = []
-    bp, bt = stacked[versus]
+    best_point, best_values = stats.mean(seeds[versus], "auroc")
+    bp, bt = np.stack([served[k] for k in seeds[versus]]), np.array([runs[k].threshold for k in seeds[versus]])
     for a in arms:
         if a == versus:
             continue
-        p, t = stacked[a]
-        mean_auroc = _seed_mean("auroc", t)  # AUROC ignores thresholds: one statistic for both arms
-        boot = metrics.paired_bootstrap(mean_auroc, [y, p], [y, bp], patients, n_boot, seed)
+        point, values = stats.mean(seeds[a], "auroc")
+        boot = metrics.paired_difference(point - best_point, values - best_values)
+        p, t = np.stack([served[k] for k in seeds[a]]), np.array([runs[k].threshold for k in seeds[a]])
         dl = metrics.delong(y, p.mean(0), bp.mean(0))
         mc = metrics.mcnemar(((p.mean(0) >= t.mean()) == y), ((bp.mean(0) >= bt.mean()) == y))
         comparison.append({"arm": a, "versus": versus, "delta_auroc": boot["difference"],
@@ -172,20 +188,16 @@ def score(spec: Spec, y: np.ndarray, patients: np.ndarray, runs: dict[tuple[str,
     return {"per_run": per_run, "summary": summary, "comparison": comparison}
 
 
-def ensemble_table(spec: Spec, y: np.ndarray, patients: np.ndarray, ens: dict[str, Run],
+def ensemble_table(y: np.ndarray, counts: np.ndarray, ens: dict[str, Run],
                    probs: dict[str, np.ndarray]) -> pd.DataFrame:
     """Each arm's seed ensemble on one set, at its validation-chosen point, with patient-bootstrap CIs."""
+    stats = SetMetrics(y, counts)
     rows = []
     for arm, run in ens.items():
-        p, t = run.served(probs[arm]), run.threshold
-        row = {"arm": arm, "members": len(run.checkpoints), "threshold": t,
-               "platt_a": run.platt[0] if run.platt else None, "platt_b": run.platt[1] if run.platt else None}
-        for m in metrics.REPORTED:
-            stat = (lambda y_, p_: metrics.auroc(y_, p_)) if m == "auroc" else \
-                (lambda y_, p_, m=m: metrics.summary(y_, p_, t)[m])
-            point, lo, hi = metrics.bootstrap_ci(stat, [y, p], patients, spec.final.bootstrap, spec.seed)
-            row |= {m: point, f"{m}_ci_low": lo, f"{m}_ci_high": hi}
-        rows.append(row)
+        stats.add(arm, run.served(probs[arm]), run.threshold)
+        rows.append({"arm": arm, "members": len(run.checkpoints), "threshold": run.threshold,
+                     "platt_a": run.platt[0] if run.platt else None, "platt_b": run.platt[1] if run.platt else None,
+                     **{k: v for m in metrics.REPORTED for k, v in stats.with_ci([arm], m).items()}})
     return pd.DataFrame(rows)
 
 
@@ -206,6 +218,27 @@ def policy_table(y_val: np.ndarray, runs: dict[tuple[str, int], Run], y: np.ndar
     return pd.DataFrame(rows)
 
 
+def write_set(spec: Spec, out: str, columns: dict[str, np.ndarray], runs: dict[tuple[str, int], Run],
+              probs: dict[tuple[str, int], np.ndarray], y_val: np.ndarray, versus: str | None = None) -> dict:
+    """Score one set (``columns``: item, patient, label and any per-image flag, in the order of
+    ``probs``) and write its six tables to ``out``: predictions, final (per run), summary, comparison,
+    ensembles, operating_points. One patient-resample matrix serves every table of the set."""
+    y = columns["label"]
+    counts = metrics.resample_counts(columns["patient"], spec.final.bootstrap, spec.seed)
+    tables = score(spec, y, counts, runs, probs, versus)
+    ens = ensembles(spec, runs, y_val)
+    ens_probs = {a: np.mean([p for k, p in sorted(probs.items()) if k[0] == a], axis=0) for a in ens}
+    tables["ensembles"] = ensemble_table(y, counts, ens, ens_probs)
+    tables["operating_points"] = policy_table(y_val, runs, y, probs)
+    storage.write_csv(storage.join(out, "predictions.csv"), pd.concat([pd.DataFrame(
+        {"arm": a, "seed": s, **columns, "probability": runs[(a, s)].served(p), "threshold": runs[(a, s)].threshold})
+        for (a, s), p in sorted(probs.items())], ignore_index=True))
+    storage.write_csv(storage.join(out, "final.csv"), tables["per_run"])
+    for name in ("summary", "comparison", "ensembles", "operating_points"):
+        storage.write_csv(storage.join(out, f"{name}.csv"), tables[name])
+    return tables | {"ensemble_runs": ens}
+
+
 # ----------------------------------------------------------------------------- the internal test split
 
 def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFrame) -> dict:
@@ -216,9 +249,13 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
     if not runs:
         raise EvaluationError(f"{sdir}: no final run produced test predictions; see final_trials.csv and the "
                               f"trials' error.txt under final/")
-    tables = score(spec, y, patients, runs, {k: r.test for k, r in runs.items()})
+    storage.write_csv(storage.join(sdir, "validation_predictions.csv"), pd.concat(
+        [pd.DataFrame({"arm": a, "seed": s, "item": val_index["item"].to_numpy(), "label": y_val,
+                       "probability": runs[(a, s)].val}) for (a, s) in sorted(runs)], ignore_index=True))
+    tables = write_set(spec, sdir, {"item": index["item"].to_numpy(), "patient": patients, "label": y}, runs,
+                       {k: r.test for k, r in runs.items()}, y_val)
     summary, comparison, per_run = tables["summary"], tables["comparison"], tables["per_run"]
-    ens = ensembles(spec, runs, y_val)
+    ens = tables["ensemble_runs"]
     best_arm = summary.iloc[0]["arm"]
     chosen = runs[tuple(per_run[per_run.arm == best_arm].sort_values("val_auroc", ascending=False, kind="stable")
                         .iloc[0][["arm", "seed"]])]  # the best arm's model to serve: chosen on validation, not test
@@ -230,21 +267,6 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
             "ensemble": {"checkpoints": ens[best_arm].checkpoints, "threshold": ens[best_arm].threshold,
                          "platt": ens[best_arm].platt}}
     verdict = " ".join([verdict_text(summary, comparison, spec.final.bootstrap)] + caveats(spec, summary))
-
-    pred_rows = [pd.DataFrame({"arm": a, "seed": s, "item": index["item"].to_numpy(), "patient": patients, "label": y,
-                               "probability": runs[(a, s)].served(runs[(a, s)].test), "threshold": runs[(a, s)].threshold})
-                 for (a, s) in sorted(runs)]
-    val_rows = [pd.DataFrame({"arm": a, "seed": s, "item": val_index["item"].to_numpy(), "label": y_val,
-                              "probability": runs[(a, s)].val}) for (a, s) in sorted(runs)]
-    storage.write_csv(storage.join(sdir, "predictions.csv"), pd.concat(pred_rows, ignore_index=True))
-    storage.write_csv(storage.join(sdir, "validation_predictions.csv"), pd.concat(val_rows, ignore_index=True))
-    storage.write_csv(storage.join(sdir, "final.csv"), per_run)
-    storage.write_csv(storage.join(sdir, "summary.csv"), summary)
-    storage.write_csv(storage.join(sdir, "comparison.csv"), comparison)
-    storage.write_csv(storage.join(sdir, "ensembles.csv"),
-                      ensemble_table(spec, y, patients, ens, {a: r.test for a, r in ens.items()}))
-    storage.write_csv(storage.join(sdir, "operating_points.csv"),
-                      policy_table(y_val, runs, y, {k: r.test for k, r in runs.items()}))
     storage.write_json(storage.join(sdir, "best.json"), best | {"verdict": verdict})
     return {"summary": summary, "comparison": comparison, "best": best, "verdict": verdict, "runs": runs,
             "y_val": y_val}
@@ -280,24 +302,14 @@ def evaluate_external(spec: Spec, sdir: str, name: str, index: pd.DataFrame, pro
                               "the comparison need both classes")
     y, patients = index["label"].to_numpy()[keep], index["patient"].to_numpy()[keep]
     mine = {k: p[keep] for k, p in probs.items() if k in runs}
-    tables = score(spec, y, patients, runs, mine, versus=chosen)
-    ens = ensembles(spec, runs, y_val)
-    ens_probs = {a: np.mean([p for k, p in mine.items() if k[0] == a], axis=0) for a in ens}
     out = storage.join(sdir, "external", name)
     shared = index["shared_patient"].to_numpy()[keep]
+    tables = write_set(spec, out, {"item": index["item"].to_numpy()[keep], "patient": patients, "label": y,
+                                   "shared_patient": shared}, runs, mine, y_val, versus=chosen)
     if shared.any() and len(set(y[~shared])) == 2:
-        apart = score(spec, y[~shared], patients[~shared], runs, {k: p[~shared] for k, p in mine.items()}, chosen)
+        apart = score(spec, y[~shared], metrics.resample_counts(patients[~shared], spec.final.bootstrap, spec.seed),
+                      runs, {k: p[~shared] for k, p in mine.items()}, chosen)
         storage.write_csv(storage.join(out, "summary_without_shared_patient_ids.csv"), apart["summary"])
-    items = index["item"].to_numpy()[keep]
-    storage.write_csv(storage.join(out, "predictions.csv"), pd.concat([pd.DataFrame(
-        {"arm": a, "seed": s, "item": items, "patient": patients, "label": y, "shared_patient": shared,
-         "probability": runs[(a, s)].served(p), "threshold": runs[(a, s)].threshold}) for (a, s), p in sorted(mine.items())],
-        ignore_index=True))
-    storage.write_csv(storage.join(out, "final.csv"), tables["per_run"])
-    storage.write_csv(storage.join(out, "summary.csv"), tables["summary"])
-    storage.write_csv(storage.join(out, "comparison.csv"), tables["comparison"])
-    storage.write_csv(storage.join(out, "ensembles.csv"), ensemble_table(spec, y, patients, ens, ens_probs))
-    storage.write_csv(storage.join(out, "operating_points.csv"), policy_table(y_val, runs, y, mine))
     storage.write_json(storage.join(out, "audit.json"), audit | {"scored_images": int(keep.sum())})
     internal = {n: storage.read_csv(storage.join(sdir, f"{n}.csv")) for n in ("summary", "comparison")}
     text = external_verdict(name, internal["summary"], internal["comparison"], tables["summary"],

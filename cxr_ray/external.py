@@ -4,14 +4,17 @@ Both are labelled image sets decoded at the study's image size by the cache's ow
 the study's final checkpoints (nothing is retrained), and kept apart from every choice the study
 made: an external set is audited against the study's images, then scored once
 (``evaluation.evaluate_external``); a site sample fits a threshold (and calibration) for serving at
-that site, stored as a named profile in the study directory (``sites/<name>.json``).
+that site, stored as a named profile in the study directory (``sites/<name>.json``). The external
+sets a study names are scored by its final runs themselves, at their last epoch; sets scored later
+(and site samples) by the checkpoints, here or, on a cluster, in a Ray task.
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
+import os
 
-from . import data, evaluation, metrics, models, spec as specs, storage
+import numpy as np
+
+from . import data, evaluation, metrics, spec as specs, storage
 from .errors import CxrError
 
 
@@ -49,25 +52,59 @@ def audit(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: str | No
                                       "composition": data.composition(flagged)}
 
 
-def score_checkpoints(sdir: str, checkpoints: dict, images: np.ndarray) -> dict:
-    """key -> P(pneumonia) of every image under that key's checkpoint (relative to ``sdir``)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = np.arange(len(images))
+def _score_here(sdir: str, checkpoints: dict, images: np.ndarray, workers: int | None = None) -> dict:
+    from . import models  # torch and timm: imported only where checkpoints are scored
+    return models.predict_checkpoints({k: storage.local_dir(storage.join(sdir, c)) for k, c in checkpoints.items()},
+                                      images, workers)
+
+
+def score_checkpoints(spec: specs.Spec, sdir: str, checkpoints: dict, images: np.ndarray) -> dict:
+    """key -> P(pneumonia) of every image under that key's checkpoint (relative to ``sdir``).
+
+    On a cluster (RAY_ADDRESS set) the scoring is one Ray task with a trial worker's resources (its
+    GPU, its custom resources), on a node that reads the study's storage: this process ships the
+    images and never imports torch. Here, it runs in this process, on every core."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return _score_here(sdir, checkpoints, images)
+    import ray
+
+    from . import runtime
+    runtime.connect(quiet=True)
+    r = spec.resources
+    task = ray.remote(_score_here).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
+                                           resources=r.worker_resources or None)
+    return ray.get(task.remote(sdir, checkpoints, images, max(1, int(r.cpus_per_worker))))
+
+
+def saved_probabilities(sdir: str, runs: dict, name: str, images: int) -> dict:
+    """Each final run's probabilities on the study's own external set ``name``, saved by the run at
+    its last epoch (the study hands its external sets to the final runs); runs without them, or
+    with another number of images than the set now has, are left out (scored from checkpoints)."""
     out = {}
-    for key, relative in checkpoints.items():
-        model, meta = models.load_checkpoint(storage.local_dir(storage.join(sdir, relative)))
-        out[key] = models.predict(model.to(device), images, rows, (meta["mean"], meta["std"]), device)
+    for key, run in runs.items():
+        uri = storage.join(sdir, run.checkpoints[0], f"external_{name}_probabilities.npy")
+        if storage.exists(uri):
+            p = evaluation.read_npy(uri)
+            if len(p) == images:
+                out[key] = p
     return out
 
 
-def evaluate_set(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: str | None = None) -> dict:
-    """Audit an external set, score it with every final run, and write external/<name>/."""
+def evaluate_set(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: str | None = None,
+                 audited: tuple | None = None) -> dict:
+    """Audit an external set, score it with every final run, and write external/<name>/.
+
+    ``audited``: the study's own set, as ``audit`` returned it before training; its final runs
+    scored it at their last epoch, so only runs that did not are scored now."""
     if storage.exists(storage.join(sdir, "external", ext.name, "summary.csv")):
         raise ExternalError(f"{sdir}: external set {ext.name!r} was already evaluated (external/{ext.name}/); "
                             "choose another name to score another set")
-    cache, flagged, summary = audit(spec, sdir, ext, cache_root)
+    cache, flagged, summary = audited or audit(spec, sdir, ext, cache_root)
     runs, _ = evaluation.load_study_runs(spec, sdir)
-    probs = score_checkpoints(sdir, {k: r.checkpoints[0] for k, r in runs.items()}, cache.images)
+    probs = saved_probabilities(sdir, runs, ext.name, len(cache.images)) if audited else {}
+    missing = {k: r.checkpoints[0] for k, r in runs.items() if k not in probs}
+    if missing:
+        probs |= score_checkpoints(spec, sdir, missing, cache.images)
     return evaluation.evaluate_external(spec, sdir, ext.name, flagged, probs, summary)
 
 
@@ -84,7 +121,7 @@ def calibrate_site(spec: specs.Spec, sdir: str, name: str, ext: specs.External, 
     if len(set(y)) < 2:
         raise ExternalError(f"site sample {ext.path}: {len(y)} images of a single class; the threshold needs both")
     ensemble = best["ensemble"]["checkpoints"]  # the served model is one of them: each is scored once
-    probs = score_checkpoints(sdir, {c: c for c in dict.fromkeys([best["checkpoint"], *ensemble])}, cache.images)
+    probs = score_checkpoints(spec, sdir, {c: c for c in dict.fromkeys([best["checkpoint"], *ensemble])}, cache.images)
     profile = {"name": name, "policy": policy, "target": target, "images": len(y),
                "classes": {"NORMAL": int((y == 0).sum()), "PNEUMONIA": int((y == 1).sum())},
                "sample": {"source": ext.source, "path": ext.path, "split": ext.split}}

@@ -1,9 +1,15 @@
 """Binary classification metrics and the statistics of a fair comparison.
 
 Conventions: ``y`` holds 0/1 labels (1 = PNEUMONIA), ``p`` scores or probabilities, and an
-image is called positive when ``p >= threshold``. AUROC is the Mann-Whitney rank statistic
-with mid-ranks for ties. AUROC, Youden J and DeLong are undefined when ``y`` holds a single
-class: they raise MetricError instead of returning a number that could be ranked.
+image is called positive when ``p >= threshold``. AUROC is the Mann-Whitney statistic (ties
+count 1/2). AUROC, Youden J and DeLong are undefined when ``y`` holds a single class: they raise
+MetricError instead of returning a number that could be ranked.
+
+Uncertainty is the patient bootstrap, computed as arrays: ``resample_counts`` draws every
+resample at once as a (resamples x images) count matrix, ``resampled`` gives every reported
+metric on every resample from it, ``percentile_ci`` and ``paired_difference`` read intervals and
+paired tests off those arrays. Any new statistic (a subgroup's, an operating point's) can take
+the same matrix: the same patients, the same draws.
 """
 from __future__ import annotations
 
@@ -34,8 +40,7 @@ def _need_both_classes(y: np.ndarray, what: str) -> tuple[int, int]:
 
 
 def midranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their mean rank (as scipy.stats.rankdata; scipy.stats costs every
-    training process 0.4 s of import, and AUROC runs in every epoch)."""
+    """Ranks 1..n, ties sharing their mean rank (as scipy.stats.rankdata, whose import costs 0.4 s)."""
     order = np.argsort(x, kind="mergesort")
     _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
     ranks = np.empty(len(x))
@@ -43,47 +48,62 @@ def midranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def roc_counts(y, p, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC's points in weighted counts: true and false positives (arrays of shape (rows of
+    ``counts``, distinct scores + 1)) at each threshold, from +inf (nothing called positive) down
+    through every distinct score. Row r of ``counts`` says how often each image counts (a bootstrap
+    resample; ``np.ones((1, n))``: the sample itself). One sort of the scores serves every row; each
+    class's counts are summed cumulatively once, then read at the end of each run of equal scores."""
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    ends = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])  # the last image of each run of equal scores
+    out = []
+    for cls in (1, 0):
+        cumulative = np.zeros((len(counts), int((ys == cls).sum()) + 1))
+        np.cumsum(counts[:, order[ys == cls]], axis=1, out=cumulative[:, 1:])
+        out.append(cumulative[:, np.r_[0, np.cumsum(ys == cls)[ends]]])
+    return out[0], out[1], np.r_[np.inf, ps[ends]]
+
+
+def _auroc_from_counts(tps: np.ndarray, fps: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUROC of each row (ties count 1/2), NaN where a row holds a single class: the
+    trapezoids under the ROC's steps, summed in whole counts (exact) before the one division."""
+    twice_area = ((fps[:, 1:] - fps[:, :-1]) * (tps[:, 1:] + tps[:, :-1])).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return twice_area / (2 * tps[:, -1] * fps[:, -1])
+
+
 def auroc(y, p) -> float:
     """Probability that a random positive scores above a random negative (ties count 1/2)."""
     y, p = _arrays(y, p)
-    n_pos, n_neg = _need_both_classes(y, "AUROC")
-    ranks = midranks(p)
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    _need_both_classes(y, "AUROC")
+    return float(_auroc_from_counts(*roc_counts(y, p, np.ones((1, len(y))))[:2])[0])
+
+
+def rates(tp, fp, tn, fn) -> dict[str, np.ndarray]:
+    """Accuracy, sensitivity, specificity, precision and F1 from confusion counts (numbers or arrays
+    of them); a rate with an empty denominator is NaN."""
+    tp, fp, tn, fn = (np.asarray(c, dtype=float) for c in (tp, fp, tn, fn))
+    with np.errstate(invalid="ignore"):
+        return {"accuracy": (tp + tn) / (tp + fp + tn + fn), "sensitivity": tp / (tp + fn),
+                "specificity": tn / (tn + fp), "precision": tp / (tp + fp), "f1": 2 * tp / (2 * tp + fp + fn)}
 
 
 def confusion(y, p, threshold: float = 0.5) -> dict[str, float]:
     """Counts and rates at ``threshold``; a rate with an empty denominator is NaN."""
     y, p = _arrays(y, p)
     pred = p >= threshold
-    tp = int((pred & (y == 1)).sum())
-    fp = int((pred & (y == 0)).sum())
-    tn = int((~pred & (y == 0)).sum())
-    fn = int((~pred & (y == 1)).sum())
-
-    def ratio(a, b):
-        return a / b if b else math.nan
-
-    precision, sensitivity = ratio(tp, tp + fp), ratio(tp, tp + fn)
-    return {
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-        "accuracy": ratio(tp + tn, len(y)),
-        "sensitivity": sensitivity,
-        "specificity": ratio(tn, tn + fp),
-        "precision": precision,
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
-    }
+    tp, fp = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum())
+    tn, fn = int((~pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, **{k: float(v) for k, v in rates(tp, fp, tn, fn).items()}}
 
 
 def youden_threshold(y, p) -> float:
     """The score threshold maximising sensitivity + specificity - 1 (ties: the higher one)."""
     y, p = _arrays(y, p)
     n_pos, n_neg = _need_both_classes(y, "Youden's J")
-    order = np.argsort(-p, kind="stable")
-    ps, ys = p[order], y[order]
-    tps, fps = np.cumsum(ys), np.cumsum(1 - ys)
-    last = np.r_[ps[1:] != ps[:-1], True]  # end of each run of equal scores
-    j = tps[last] / n_pos - fps[last] / n_neg
-    return float(ps[last][int(np.argmax(j))])
+    tps, fps, thresholds = roc_counts(y, p, np.ones((1, len(y))))
+    return float(thresholds[1 + int(np.argmax(tps[0, 1:] / n_pos - fps[0, 1:] / n_neg))])
 
 
 def threshold_at_sensitivity(y, p, target: float) -> float:
@@ -159,91 +179,104 @@ def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False-positive rate, true-positive rate and thresholds, from (0, 0) to (1, 1)."""
     y, p = _arrays(y, p)
     n_pos, n_neg = _need_both_classes(y, "ROC curve")
-    order = np.argsort(-p, kind="stable")
-    ps, ys = p[order], y[order]
-    last = np.r_[ps[1:] != ps[:-1], True]
-    tpr = np.r_[0, np.cumsum(ys)[last] / n_pos]
-    fpr = np.r_[0, np.cumsum(1 - ys)[last] / n_neg]
-    return fpr, tpr, np.r_[np.inf, ps[last]]
+    tps, fps, thresholds = roc_counts(y, p, np.ones((1, len(y))))
+    return fps[0] / n_neg, tps[0] / n_pos, thresholds
 
 
-def calibration(y, p, bins: int = 10) -> tuple[float, list[dict]]:
+CALIBRATION_BINS = 10
+
+
+def calibration_bin(p: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """Each probability's bin of equal width: [0, 0.1), [0.1, 0.2), ..., [0.9, 1]."""
+    return np.clip(np.digitize(p, np.linspace(0, 1, bins + 1)[1:-1], right=False), 0, bins - 1)
+
+
+def calibration(y, p, bins: int = CALIBRATION_BINS) -> tuple[float, list[dict]]:
     """Expected calibration error over equal-width bins, and the per-bin reliability table."""
     y, p = _arrays(y, p)
+    which = calibration_bin(p, bins)
+    count = np.bincount(which, minlength=bins)
+    sum_p, sum_y = np.bincount(which, p, bins), np.bincount(which, y, bins)
     edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1], right=False), 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        m = which == b
-        if not m.any():
-            continue
-        conf, freq = float(p[m].mean()), float(y[m].mean())
-        ece += m.mean() * abs(conf - freq)
-        table.append({"bin_low": edges[b], "bin_high": edges[b + 1], "count": int(m.sum()),
-                      "mean_probability": conf, "fraction_positive": freq})
-    return float(ece), table
+    table = [{"bin_low": edges[b], "bin_high": edges[b + 1], "count": int(count[b]),
+              "mean_probability": float(sum_p[b] / count[b]), "fraction_positive": float(sum_y[b] / count[b])}
+             for b in range(bins) if count[b]]
+    return float(np.abs(sum_p - sum_y).sum() / len(y)), table
 
 
 REPORTED = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "ece")
 
 
+def resampled(y, p, threshold: float, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Every reported metric (``REPORTED``) at ``threshold`` on every row of ``counts`` (how often
+    each image counts in that row: a resample of ``resample_counts``, or ``np.ones((1, n))`` for the
+    sample itself), as arrays over the rows. A row holding a single class is NaN for every metric
+    (AUROC is undefined there: the resample is skipped, as a scalar metric would raise).
+
+    Array operations throughout: AUROC from one sort of the scores (``roc_counts``), confusion
+    counts as matrix products, ECE from per-bin weighted sums."""
+    y, p = _arrays(y, p)
+    counts = np.atleast_2d(np.asarray(counts, dtype=float))
+    tps, fps, _ = roc_counts(y, p, counts)
+    pos, neg = tps[:, -1], fps[:, -1]
+    called = p >= threshold
+    tp, fp = counts @ (called & (y == 1)).astype(float), counts @ (called & (y == 0)).astype(float)
+    at_threshold = rates(tp, fp, neg - fp, pos - tp)
+    gap = np.zeros((len(p), CALIBRATION_BINS))  # (p - y) of each image, in its calibration bin's column
+    gap[np.arange(len(p)), calibration_bin(p)] = p - y
+    out = {"auroc": _auroc_from_counts(tps, fps),
+           **{m: at_threshold[m] for m in ("accuracy", "sensitivity", "specificity", "f1")},
+           "ece": np.abs(counts @ gap).sum(1) / (pos + neg)}
+    single = (pos == 0) | (neg == 0)
+    for values in out.values():
+        values[single] = np.nan
+    return out
+
+
 def summary(y, p, threshold: float) -> dict[str, float]:
     """The metrics every report line carries (``REPORTED``), at ``threshold``."""
-    c = confusion(y, p, threshold)
-    return {"auroc": auroc(y, p), "accuracy": c["accuracy"], "sensitivity": c["sensitivity"],
-            "specificity": c["specificity"], "f1": c["f1"], "ece": calibration(y, p)[0]}
+    y, p = _arrays(y, p)
+    _need_both_classes(y, "AUROC")
+    return {m: float(v[0]) for m, v in resampled(y, p, threshold, np.ones((1, len(y)))).items()}
 
 
 # ----------------------------------------------------------------------------- uncertainty
 
-def patient_bootstrap(groups, n: int = 1000, seed: int = 0):
-    """Yield ``n`` index arrays that resample whole patients with replacement."""
-    groups = np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = np.argsort(inverse, kind="stable")
-    starts = np.r_[0, np.cumsum(np.bincount(inverse))]
-    rng = np.random.default_rng(seed)
-    for _ in range(n):
-        picked = rng.integers(0, len(uniq), len(uniq))
-        yield np.concatenate([members[starts[g]:starts[g + 1]] for g in picked])
+def resample_counts(groups, n: int = 1000, seed: int = 0) -> np.ndarray:
+    """The patient bootstrap as one matrix: row r says how often each image is drawn in resample r
+    (its patient's draws: a patient's images travel together). Shape (n, images), float.
+
+    All ``n`` resamples come from one generator call, ``integers(0, P, (n, P))`` for P patients
+    (sorted ids), which yields exactly the draws of ``n`` successive ``integers(0, P, P)`` calls: a
+    loop over resamples with the same seed sees the same patients. Any statistic that is a weighted
+    sum over images becomes a matrix product with it (``resampled``); reuse one matrix for every
+    statistic of a set, so paired differences compare the same resamples."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    patients = int(inverse.max()) + 1 if len(inverse) else 0
+    picks = np.random.default_rng(seed).integers(0, patients, (n, patients))
+    per_patient = np.bincount((picks + patients * np.arange(n)[:, None]).ravel(), minlength=n * patients)
+    return per_patient.reshape(n, patients).astype(float)[:, inverse.ravel()]
 
 
-def bootstrap_ci(statistic, arrays: list[np.ndarray], groups, n: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
-    """Point estimate and percentile CI of ``statistic(*arrays)`` under patient resampling.
-
-    Resamples where the statistic is undefined (one class drawn) are skipped.
-    """
-    point = statistic(*arrays)
-    values = []
-    for idx in patient_bootstrap(groups, n, seed):
-        try:
-            values.append(statistic(*(a[..., idx] for a in arrays)))
-        except MetricError:
-            continue
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return float(point), float(lo), float(hi)
-
-
-def paired_bootstrap(statistic, arrays_a: list[np.ndarray], arrays_b: list[np.ndarray], groups,
-                     n: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Difference statistic(a) - statistic(b) on the same resampled patients: CI and p-value."""
-    diff = statistic(*arrays_a) - statistic(*arrays_b)
-    values = []
-    for idx in patient_bootstrap(groups, n, seed):
-        try:
-            values.append(statistic(*(x[..., idx] for x in arrays_a)) - statistic(*(x[..., idx] for x in arrays_b)))
-        except MetricError:
-            continue
+def percentile_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of a statistic's resampled values; NaN (undefined) resamples are skipped."""
     values = np.asarray(values)
+    lo, hi = np.quantile(values[~np.isnan(values)], [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def paired_difference(difference: float, resampled_differences: np.ndarray) -> dict[str, float]:
+    """A difference between two statistics and its paired bootstrap: 95% CI and two-sided p-value
+    from the same resamples' differences (NaN resamples skipped)."""
+    values = np.asarray(resampled_differences)
+    values = values[~np.isnan(values)]
     p = min(1.0, 2 * min((values <= 0).mean(), (values >= 0).mean()))
-    lo, hi = np.quantile(values, [0.025, 0.975])
-    return {"difference": float(diff), "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p)}
+    lo, hi = percentile_ci(values)
+    return {"difference": float(difference), "ci_low": lo, "ci_high": hi, "p_value": float(p)}
 
 
 def delong(y, p_a, p_b) -> dict[str, float]:
     """DeLong's test for two correlated AUROCs on the same images (fast midrank form)."""
-    from scipy import stats
     y, p_a = _arrays(y, p_a)
     _, p_b = _arrays(y, p_b)
     n_pos, n_neg = _need_both_classes(y, "DeLong's test")
@@ -262,22 +295,21 @@ def delong(y, p_a, p_b) -> dict[str, float]:
         z, p = (0.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), 0.0)
     else:
         z = diff / math.sqrt(var)
-        p = 2 * stats.norm.sf(abs(z))
+        p = math.erfc(abs(z) / math.sqrt(2))  # two-sided normal tail
     return {"auroc_a": float(aucs[0]), "auroc_b": float(aucs[1]), "difference": float(diff), "z": float(z),
             "p_value": float(p)}
 
 
 def mcnemar(correct_a, correct_b) -> dict[str, float]:
-    """McNemar's test on paired correctness; exact binomial when discordant pairs < 25."""
-    from scipy import stats
+    """McNemar's test on paired correctness; exact binomial when discordant pairs < 25.
+    (Closed forms, not scipy.stats: its import costs each evaluation about a second.)"""
     a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     n = only_a + only_b
     if n == 0:
         p = 1.0
-    elif n < 25:
-        p = stats.binomtest(only_a, n, 0.5).pvalue
-    else:
-        chi2 = (abs(only_a - only_b) - 1) ** 2 / n
-        p = stats.chi2.sf(chi2, 1)
+    elif n < 25:  # two-sided exact binomial(n, 1/2): twice the tail at the smaller count
+        p = 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    else:  # chi-square with 1 degree of freedom and continuity correction: its tail is erfc(sqrt(x / 2))
+        p = math.erfc(math.sqrt((abs(only_a - only_b) - 1) ** 2 / n / 2))
     return {"only_a_correct": only_a, "only_b_correct": only_b, "p_value": float(min(1.0, p))}

@@ -98,8 +98,9 @@ def ship_limit() -> int:
     return int(float(os.environ.get(SHIP_LIMIT_ENV, SHIP_LIMIT_MB)) * 2**20)
 
 
-def put_data(prepared: Prepared) -> ray.ObjectRef:
-    """Place the training data where every worker finds it, once per run.
+def put_data(prepared: Prepared, external: dict[str, np.ndarray] | None = None) -> ray.ObjectRef:
+    """Place the training data where every worker finds it, once per run, with the decoded images
+    of the study's ``external`` sets by name (its final runs score them at their last epoch).
 
     Up to ``ship_limit()`` bytes the decoded images go into the object store (workers on a node
     share one copy, zero-copy numpy; other nodes fetch it). Above it, shipping would hold the whole
@@ -111,7 +112,8 @@ def put_data(prepared: Prepared) -> ray.ObjectRef:
     """
     images = prepared.cache.images
     common = {"labels": prepared.cache.index["label"].to_numpy(np.int8),
-              **{name: rows for name, rows in prepared.rows.items()}}
+              **{name: rows for name, rows in prepared.rows.items()},
+              "external": {name: np.ascontiguousarray(a) for name, a in (external or {}).items()}}
     if images.nbytes <= ship_limit():
         return ray.put({"images": np.ascontiguousarray(images), **common})
     location = str(prepared.cache.dir / "images.npy")

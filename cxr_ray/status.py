@@ -11,6 +11,7 @@ import math
 
 from . import storage
 from .study_layout import FINAL, SEARCH, asha_stops, history_file, read_spec, trial_id_of
+from .evaluation import ci_text
 
 
 def phase_trials(sdir: str, phase: str) -> list[dict] | None:
@@ -69,10 +70,6 @@ def status(sdir: str) -> str:
         lines += ["final evaluation (summary.csv: mean over seeds, 95% CI over test patients):",
                   f"  {'arm':<22} {'AUROC':<20} {'accuracy':<20} {'sens':>5}  {'spec':>5}  seeds"]
         for r in storage.read_csv(summary_uri).to_dict("records"):
-            lines.append(f"  {r['arm']:<22} {_ci(r, 'auroc'):<20} {_ci(r, 'accuracy'):<20} {r['sensitivity']:5.3f}  "
-                         f"{r['specificity']:5.3f}  {int(r['seeds'])}")
+            lines.append(f"  {r['arm']:<22} {ci_text(r, 'auroc'):<20} {ci_text(r, 'accuracy'):<20} "
+                         f"{r['sensitivity']:5.3f}  {r['specificity']:5.3f}  {int(r['seeds'])}")
     return "\n".join(lines)
-
-
-def _ci(row: dict, m: str) -> str:
-    return f"{row[m]:.3f} ({row[f'{m}_ci_low']:.3f}-{row[f'{m}_ci_high']:.3f})"

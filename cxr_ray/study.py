@@ -1,13 +1,14 @@
 """Running a study: paired ASHA search per arm, then multi-seed final training, on Ray Tune.
 
 Phases, each reading what the previous one wrote to the study directory (study_layout.py):
-  1. data      spec.yaml, split.csv, data_report.json, configs.csv
+  1. data      spec.yaml, split.csv, data_report.json (with each external set's audit), configs.csv
   2. search    Tune experiment ``search``: every arm x the same sampled configurations, one
                training run per trial (engine ``tune``, the default: the training loop inside
                the Tune trial; engine ``train``: a Ray Train run, DDP over its workers), stopped
                by per-arm ASHA; trials.csv, budget.csv
   3. final     Tune experiment ``final``: each arm's best configuration retrained with every
-               final seed for the same epochs, scored on the held-out test split
+               final seed for the same epochs; each run scores the held-out test split and
+               every external set at its last epoch (so scoring overlaps the runs still training)
   4. evaluate  final.csv, summary.csv, comparison.csv, predictions.csv, best.json (evaluation.py)
 Killing the driver loses nothing: ``resume`` restores both Tune experiments, skips finished
 trials and continues unfinished ones from their newest checkpoint (each run's own, written every
@@ -279,17 +280,23 @@ def prepare_data(spec: specs.Spec, sdir: str, progress: bool = True) -> data.Pre
             raise data.DataError(f"the {name} split has {len(labels)} images of a single class; use more data "
                                  f"or a larger data.{name}_fraction")
     storage.write_csv(storage.join(sdir, "split.csv"), prepared.split)
-    report = dict(prepared.report)
-    if spec.external:  # audited against the study's images now, scored only after the final phase
-        report["external"] = {}
-        for ext in spec.external:
-            audit = external.audit(spec, sdir, ext)[2]
-            report["external"][ext.name] = audit
-            print(f"external set {ext.name}: {audit['images']} images; {audit['same_bytes']['images']} byte-identical "
-                  f"to the study's images (left out), {audit['shared_patient_ids']['images']} with a patient id "
-                  f"the study also has (scored both ways)", flush=True)
-    storage.write_json(storage.join(sdir, "data_report.json"), report)
+    storage.write_json(storage.join(sdir, "data_report.json"), prepared.report)
     return prepared
+
+
+def audit_external(spec: specs.Spec, sdir: str, prepared: data.Prepared) -> dict[str, tuple]:
+    """Each external set decoded and audited against the study's images now (added to
+    data_report.json), before any training: the final runs score them at their last epoch, and
+    they are evaluated only after the final phase. name -> what ``external.audit`` returns."""
+    audited = {ext.name: external.audit(spec, sdir, ext) for ext in spec.external}
+    for name, (_, _, audit) in audited.items():
+        print(f"external set {name}: {audit['images']} images; {audit['same_bytes']['images']} byte-identical "
+              f"to the study's images (left out), {audit['shared_patient_ids']['images']} with a patient id "
+              f"the study also has (scored both ways)", flush=True)
+    if audited:
+        storage.write_json(storage.join(sdir, "data_report.json"),
+                           prepared.report | {"external": {name: a[2] for name, a in audited.items()}})
+    return audited
 
 
 def check_capacity(spec: specs.Spec) -> None:
@@ -347,9 +354,10 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     print(f"study {spec.name} ({spec.hash}) -> {sdir}", flush=True)
     prepared = prepare_data(spec, sdir)
     tracker = tracking.start(spec, sdir)
+    audited = audit_external(spec, sdir, prepared)
     runtime.connect(verbose=verbose, log_file=None if storage.is_remote(sdir) else os.path.join(sdir, "driver.log"))
     check_capacity(spec)
-    data_ref = runtime.put_data(prepared)
+    data_ref = runtime.put_data(prepared, {name: a[0].images for name, a in audited.items()})
 
     configs = specs.sample_configs(spec)
     storage.write_csv(storage.join(sdir, "configs.csv"), pd.DataFrame(configs).rename_axis("config_id").reset_index())
@@ -393,7 +401,7 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     for ext in spec.external:
         done = storage.join(sdir, "external", ext.name, "verdict.json")
         verdicts.append(storage.read_json(done)["verdict"] if storage.exists(done)
-                        else external.evaluate_set(spec, sdir, ext)["verdict"])
+                        else external.evaluate_set(spec, sdir, ext, audited=audited[ext.name])["verdict"])
     storage.write_json(storage.join(sdir, "study.json"), {
         "name": spec.name, "spec_hash": spec.hash, "finished": True, "driver_wall_s": time.time() - start,
         "engine": spec.engine, "phases": phases,

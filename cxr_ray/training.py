@@ -500,9 +500,12 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
             **where,
         }
         arrays = {"val_probabilities": p_val}
-        if epoch + 1 == cfg.epochs and cfg.evaluate_test:
+        if epoch + 1 == cfg.epochs and cfg.evaluate_test:  # a final run: scored on test and external sets now
             arrays["test_probabilities"] = predict_distributed(scored, images, data["test"], norm, device, rank,
                                                                size, cuda)
+            for name, ext_images in data.get("external", {}).items():
+                arrays[f"external_{name}_probabilities"] = predict_distributed(
+                    scored, ext_images, np.arange(len(ext_images)), norm, device, rank, size, cuda)
         report["epoch_time_s"] = time.perf_counter() - start  # training and validation
         report["finished_at"] = time.time()
         checkpoint = None

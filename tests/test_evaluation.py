@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_ray import evaluation, spec as specs, status
+from cxr_ray import evaluation, metrics, spec as specs, status
+from test_metrics import reference_bootstrap
 
 
 def test_holm_adjustment_by_hand():
@@ -15,6 +17,44 @@ def test_holm_adjustment_by_hand():
     assert evaluation.holm([0.01, 0.04, 0.03, 0.20]) == pytest.approx([0.04, 0.09, 0.09, 0.20])
     assert evaluation.holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1, then kept monotone
     assert evaluation.holm([0.02]) == [0.02]  # one comparison: nothing to adjust
+
+
+def test_arm_tables_are_seed_means_on_the_same_patient_resamples():
+    """summary.csv: each arm's metric is the mean over its seeds, on the set and on every patient
+    resample (CI); comparison.csv: the AUROC difference paired on the same resamples. Checked
+    against the per-resample loop (identical resamples: identical intervals, p-values)."""
+    spec = specs.validate({"name": "t", "seed": 3, "data": {"source": "synthetic"}, "arms": ["A", "B"],
+                           "budget": {"samples_per_arm": 1, "max_epochs": 1},
+                           "final": {"seeds": [0, 1], "bootstrap": 200}}, "t.yaml")
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(30), 2)
+    y = (np.repeat(rng.random(30), 2) < 0.4).astype(int)
+    runs, probs = {}, {}
+    for arm, separation in (("A", 1.5), ("B", 0.5)):
+        for seed in (0, 1):
+            probs[(arm, seed)] = np.round(1 / (1 + np.exp(-(separation * (2 * y - 1) + rng.normal(0, 1, 60)))), 2)
+            runs[(arm, seed)] = evaluation.Run(arm, seed, [f"runs/{arm}{seed}"], 0.8, np.zeros(0), np.zeros(0),
+                                               0.45 + 0.1 * seed, None)
+    counts = metrics.resample_counts(patients, 200, spec.seed)
+    tables = evaluation.score(spec, y, counts, runs, probs)
+    summary = tables["summary"].set_index("arm")
+    loops = {k: reference_bootstrap(y, probs[k], runs[k].threshold, patients, 200, spec.seed) for k in probs}
+    for arm in ("A", "B"):
+        for m in metrics.REPORTED:
+            seed_mean = (loops[(arm, 0)][m] + loops[(arm, 1)][m]) / 2
+            lo, hi = np.quantile(seed_mean, [0.025, 0.975])
+            assert (summary.loc[arm, f"{m}_ci_low"], summary.loc[arm, f"{m}_ci_high"]) == pytest.approx((lo, hi),
+                                                                                                          abs=1e-12)
+            on_set = [metrics.summary(y, probs[(arm, s)], runs[(arm, s)].threshold)[m] for s in (0, 1)]
+            assert summary.loc[arm, m] == pytest.approx(np.mean(on_set), abs=1e-12)
+    row = tables["comparison"].iloc[0]
+    assert (row["arm"], row["versus"]) == ("B", "A")  # against the set's best arm
+    diff = (loops[("B", 0)]["auroc"] + loops[("B", 1)]["auroc"]) / 2 - (loops[("A", 0)]["auroc"]
+                                                                        + loops[("A", 1)]["auroc"]) / 2
+    assert (row["delta_ci_low"], row["delta_ci_high"]) == pytest.approx(tuple(np.quantile(diff, [0.025, 0.975])),
+                                                                        abs=1e-12)
+    assert row["p_bootstrap"] == pytest.approx(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))
+    assert row["delta_auroc"] == pytest.approx(summary.loc["B", "auroc"] - summary.loc["A", "auroc"], abs=1e-12)
 
 
 def summary_row(arm, auroc, lo, hi, seeds=3, missing=0):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,16 @@ def write_folder(root: Path, items, pixels, labels) -> Path:
     return root
 
 
+def platt(row) -> tuple[float, float] | None:
+    """A final.csv row's Platt parameters (None: an uncalibrated operating point)."""
+    return None if pd.isna(row.platt_a) else (row.platt_a, row.platt_b)
+
+
+def synthetic_images(root: Path, n: int) -> np.ndarray:
+    source = data.list_source("synthetic", synthetic_images=n, synthetic_seed=5, synthetic_shift=1.0)
+    return data.build_cache(source, SIZE, root, progress=False).images
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, study_env) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("external")
@@ -92,6 +103,27 @@ def test_the_study_scores_its_external_set_once_with_cis_and_a_verdict(study):
     assert "external_othersite_roc" in section and "external_othersite_calibration" in section
     for png in ("external_othersite_roc.png", "external_othersite_calibration.png"):
         assert (sdir / "report" / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_final_runs_score_the_external_set_with_the_model_they_checkpoint(study, tmp_path):
+    """Each final run scores the study's external set at its last epoch (saved beside its
+    checkpoint, used by external/othersite/): the probabilities its checkpoint gives when scored
+    afresh. Scoring afresh builds one model per backbone (and worker) and swaps each seed's weights
+    in: the same probabilities as a model built per checkpoint."""
+    import torch
+    sdir, _ = study
+    final = pd.read_csv(sdir / "final.csv")
+    images = synthetic_images(tmp_path, 200)
+    fresh = models.predict_checkpoints({(r.arm, r.seed): sdir / r.checkpoint for r in final.itertuples()}, images)
+    predictions = pd.read_csv(sdir / "external" / "othersite" / "predictions.csv")
+    for r in final.itertuples():
+        saved = np.load(sdir / r.checkpoint / "external_othersite_probabilities.npy")
+        np.testing.assert_allclose(saved, fresh[(r.arm, r.seed)], atol=1e-6)
+        mine = predictions[(predictions["arm"] == r.arm) & (predictions["seed"] == r.seed)]
+        np.testing.assert_allclose(mine["probability"], metrics.apply_platt(saved, platt(r)), atol=1e-6)
+        model, meta = models.load_checkpoint(sdir / r.checkpoint)
+        alone = models.predict(model, images, np.arange(len(images)), (meta["mean"], meta["std"]), torch.device("cpu"))
+        np.testing.assert_allclose(fresh[(r.arm, r.seed)], alone, rtol=0, atol=1e-7)
 
 
 def test_post_hoc_sets_change_nothing_the_study_chose(study, study_env, tmp_path):
@@ -141,6 +173,40 @@ def test_post_hoc_sets_change_nothing_the_study_chose(study, study_env, tmp_path
     again_run = subprocess.run(CLI + ["evaluate", str(sdir), "--external", f"again={same}"], env=study_env,
                                capture_output=True, text=True, timeout=300)
     assert again_run.returncode == 2 and "already evaluated" in again_run.stderr
+
+
+LIGHT_CLI = """
+import sys
+from cxr_ray import cli
+cli.main(sys.argv[1:])
+print("HEAVY", ",".join(sorted(m for m in ("torch", "timm", "ray.train", "ray.tune") if m in sys.modules)))
+"""
+
+
+def test_on_a_cluster_evaluate_scores_in_a_ray_task_and_imports_no_torch(study, study_env, local_ray, tmp_path):
+    """`cxr-ray evaluate` with RAY_ADDRESS set (a cluster: here the local instance this test joined)
+    ships the images to one Ray task with a trial worker's resources; the command never imports
+    torch, and the probabilities are those of scoring here. (Before the served fixture: its
+    replicas hold both CPUs of the local instance.)"""
+    import ray
+    from ray.util.state import list_tasks
+    sdir, _ = study
+    env = study_env | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}  # Ray's default
+    run = subprocess.run([sys.executable, "-c", LIGHT_CLI, "evaluate", str(sdir), "--external", "cluster=synthetic",
+                          "--source", "synthetic", "--synthetic-images", "40", "--synthetic-seed", "5",
+                          "--synthetic-shift", "1.0"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    heavy = next(ln for ln in reversed(run.stdout.splitlines()) if ln.startswith("HEAVY"))
+    assert heavy.removeprefix("HEAVY").strip() == "", heavy
+    tasks = list_tasks(filters=[("func_or_class_name", "=", "_score_here")], raise_on_missing_output=False)
+    assert [t.state for t in tasks] == ["FINISHED"]
+    final = pd.read_csv(sdir / "final.csv")
+    here = models.predict_checkpoints({(r.arm, r.seed): sdir / r.checkpoint for r in final.itertuples()},
+                                      synthetic_images(tmp_path, 40))
+    predictions = pd.read_csv(sdir / "external" / "cluster" / "predictions.csv")
+    for r in final.itertuples():
+        mine = predictions[(predictions["arm"] == r.arm) & (predictions["seed"] == r.seed)]
+        np.testing.assert_allclose(mine["probability"], metrics.apply_platt(here[(r.arm, r.seed)], platt(r)), atol=1e-6)
 
 
 def test_serve_time_policy_is_chosen_on_validation(study):

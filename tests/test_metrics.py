@@ -223,29 +223,92 @@ def test_mcnemar_no_discordant_pairs():
 
 # ----------------------------------------------------------------------------- bootstrap
 
-def test_patient_bootstrap_keeps_a_patients_images_together():
+def brute_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """Every reported metric written out: pairwise AUROC, counted rates, ECE bin by bin."""
+    pos, neg = p[y == 1], p[y == 0]
+    tp, fp = int((pos >= threshold).sum()), int((neg >= threshold).sum())
+    fn, tn = len(pos) - tp, len(neg) - fp
+    edges, ece = np.linspace(0, 1, 11), 0.0
+    for b in range(10):
+        inside = (p >= edges[b]) & ((p < edges[b + 1]) if b < 9 else (p <= 1))
+        if inside.any():
+            ece += inside.mean() * abs(p[inside].mean() - y[inside].mean())
+    return {"auroc": ((pos[:, None] > neg) + 0.5 * (pos[:, None] == neg)).mean(), "accuracy": (tp + tn) / len(y),
+            "sensitivity": tp / len(pos), "specificity": tn / len(neg), "f1": 2 * tp / (2 * tp + fp + fn), "ece": ece}
+
+
+def reference_bootstrap(y, p, threshold, groups, n, seed) -> dict[str, np.ndarray]:
+    """The plain per-resample loop the vectorised bootstrap replaces: each resample draws whole
+    patients (one generator call per resample) and expands them to their images; single-class
+    resamples are skipped. metric -> its values on the resamples kept."""
+    y, p, groups = np.asarray(y), np.asarray(p, dtype=float), np.asarray(groups)
+    patients = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    values = {m: [] for m in metrics.REPORTED}
+    for _ in range(n):
+        picked = rng.integers(0, len(patients), len(patients))
+        idx = np.concatenate([np.flatnonzero(groups == patients[g]) for g in picked])
+        if y[idx].min() == y[idx].max():
+            continue
+        for m, v in brute_metrics(y[idx], p[idx], threshold).items():
+            values[m].append(v)
+    return {m: np.array(v) for m, v in values.items()}
+
+
+HAND_MADE = {  # (labels, scores, patient of each image, threshold)
+    # patients with several images, ties within and across classes, the threshold on a tied score
+    "clustered ties": ([0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 0], [.1, .1, .4, .4, .4, .7, .9, .2, .95, .6, .6, .3],
+                       ["a", "a", "b", "b", "c", "c", "d", "e", "f", "f", "g", "h"], 0.4),
+    # one positive patient in seven: many resamples hold a single class and are skipped
+    "rare class": ([0, 0, 0, 1, 0, 0, 0, 0], [.2, .35, .1, .8, .5, .05, .3, .65],
+                   ["p1", "p2", "p2", "p3", "p4", "p5", "p6", "p7"], 0.5),
+    # one image per patient, every score its own bin
+    "independent": ([1, 0, 1, 0, 1, 1, 0, 0, 1, 0], [.05, .15, .25, .35, .45, .55, .65, .75, .85, .95],
+                    list(range(10)), 0.45),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HAND_MADE))
+def test_vectorised_bootstrap_equals_the_per_resample_loop(case):
+    """Identical resamples give identical intervals: every reported metric on every resample of the
+    count matrix equals the loop's, resample for resample, and so do the skipped resamples."""
+    y, p, groups, threshold = (np.asarray(v) if i < 3 else v for i, v in enumerate(HAND_MADE[case]))
+    counts = metrics.resample_counts(groups, n=300, seed=4)
+    got = metrics.resampled(y, p, threshold, counts)
+    want = reference_bootstrap(y, p, threshold, groups, n=300, seed=4)
+    defined = ~np.isnan(got["auroc"])
+    assert defined.sum() == len(want["auroc"]) and (case != "rare class" or not defined.all())
+    for m in metrics.REPORTED:
+        assert np.isnan(got[m][~defined]).all()  # a single-class resample is skipped for every metric
+        np.testing.assert_allclose(got[m][defined], want[m], rtol=0, atol=1e-12, err_msg=m)
+        assert metrics.percentile_ci(got[m]) == pytest.approx(tuple(np.quantile(want[m], [0.025, 0.975])),
+                                                              abs=1e-12)
+    assert metrics.summary(y, p, threshold) == pytest.approx(brute_metrics(y, p.astype(float), threshold), abs=1e-12)
+
+
+def test_resample_counts_keep_a_patients_images_together_and_draw_what_the_loop_draws():
     groups = np.array(["p1", "p1", "p1", "p2", "p2", "p3", "p4", "p4", "p4", "p4", "p5"])
-    members = {g: np.flatnonzero(groups == g) for g in np.unique(groups)}
-    draws = list(metrics.patient_bootstrap(groups, n=200, seed=0))
-    assert len(draws) == 200
-    picked_patients = 0
-    for idx in draws:
-        counts = np.bincount(idx, minlength=len(groups))
-        times = {g: set(counts[m]) for g, m in members.items()}
-        assert all(len(t) == 1 for t in times.values())  # all of a patient's images, equally often
-        assert sum(t.pop() for t in times.values()) == 5  # five patients drawn
-        picked_patients += len({groups[i] for i in idx})
-    assert picked_patients / len(draws) < 5  # with replacement: usually some patient repeats
-    again = list(metrics.patient_bootstrap(groups, n=200, seed=0))
-    assert all(np.array_equal(x, z) for x, z in zip(draws, again))
+    counts = metrics.resample_counts(groups, n=200, seed=0)
+    assert counts.shape == (200, len(groups))
+    rng = np.random.default_rng(0)
+    patients = np.unique(groups)
+    for row in counts:
+        picked = rng.integers(0, len(patients), len(patients))  # the loop's draw of this resample
+        drawn = np.bincount(picked, minlength=len(patients))
+        assert row.tolist() == [drawn[list(patients).index(g)] for g in groups]  # images travel with their patient
+    assert (counts.sum(1) > 0).all() and (counts[:, 0] != 1).any()  # with replacement: patients repeat or vanish
+    np.testing.assert_array_equal(metrics.resample_counts(groups, n=200, seed=0), counts)
+
+
+def weighted_mean(x, counts):
+    return counts @ x / counts.sum(1)
 
 
 def test_bootstrap_ci_of_a_mean_matches_the_normal_interval():
     rng = np.random.default_rng(0)
     n = 400
     x = rng.normal(0, 1, n)
-    point, lo, hi = metrics.bootstrap_ci(np.mean, [x], groups=np.arange(n), n=1000, seed=0)
-    assert point == pytest.approx(x.mean())
+    lo, hi = metrics.percentile_ci(weighted_mean(x, metrics.resample_counts(np.arange(n), 1000, 0)))
     half = 1.96 * x.std() / math.sqrt(n)
     assert lo == pytest.approx(x.mean() - half, abs=0.15 * half)
     assert hi == pytest.approx(x.mean() + half, abs=0.15 * half)
@@ -255,32 +318,49 @@ def test_bootstrap_ci_is_wider_when_images_cluster_by_patient():
     rng = np.random.default_rng(1)
     patients = np.repeat(np.arange(50), 8)
     x = rng.normal(0, 1, 50)[patients] + rng.normal(0, 0.1, 400)  # 8 near-copies per patient
-    _, lo_p, hi_p = metrics.bootstrap_ci(np.mean, [x], groups=patients, n=500, seed=0)
-    _, lo_i, hi_i = metrics.bootstrap_ci(np.mean, [x], groups=np.arange(400), n=500, seed=0)
+    lo_p, hi_p = metrics.percentile_ci(weighted_mean(x, metrics.resample_counts(patients, 500, 0)))
+    lo_i, hi_i = metrics.percentile_ci(weighted_mean(x, metrics.resample_counts(np.arange(400), 500, 0)))
     assert (hi_p - lo_p) > 2 * (hi_i - lo_i)
 
 
 def test_bootstrap_ci_skips_single_class_resamples():
     y = np.array([0, 0, 0, 0, 0, 1])
     p = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.9])
-    point, lo, hi = metrics.bootstrap_ci(metrics.auroc, [y, p], groups=np.arange(6), n=200, seed=0)
-    assert point == 1.0 and lo == 1.0 and hi == 1.0
+    values = metrics.resampled(y, p, 0.5, metrics.resample_counts(np.arange(6), 200, 0))["auroc"]
+    assert np.isnan(values).sum() > 0 and metrics.percentile_ci(values) == (1.0, 1.0)
 
 
-def test_paired_bootstrap_identical_inputs():
+def test_paired_difference_equals_the_per_resample_loop():
+    y, p, groups, _ = (np.asarray(v) if i < 3 else v for i, v in enumerate(HAND_MADE["clustered ties"]))
+    other = np.round(p[::-1] * 0.7 + 0.1, 1)
+    counts = metrics.resample_counts(groups, 300, 2)
+    got = metrics.paired_difference(metrics.auroc(y, p) - metrics.auroc(y, other),
+                                    metrics.resampled(y, p, 0.5, counts)["auroc"]
+                                    - metrics.resampled(y, other, 0.5, counts)["auroc"])
+    want = (reference_bootstrap(y, p, 0.5, groups, 300, 2)["auroc"]  # the same seed: the same resamples
+            - reference_bootstrap(y, other, 0.5, groups, 300, 2)["auroc"])
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx(tuple(np.quantile(want, [0.025, 0.975])), abs=1e-12)
+    assert got["p_value"] == pytest.approx(min(1.0, 2 * min((want <= 0).mean(), (want >= 0).mean())))
+
+
+def test_paired_difference_identical_inputs():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 80)
     p = rng.random(80)
-    out = metrics.paired_bootstrap(metrics.auroc, [y, p], [y, p], groups=np.arange(80), n=200)
+    values = metrics.resampled(y, p, 0.5, metrics.resample_counts(np.arange(80), 200))["auroc"]
+    out = metrics.paired_difference(0.0, values - values)
     assert out == {"difference": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0}
 
 
-def test_paired_bootstrap_detects_a_real_difference():
+def test_paired_difference_detects_a_real_difference():
     rng = np.random.default_rng(2)
     y = rng.integers(0, 2, 200)
     good = rng.normal(y * 2.0, 1.0)
     weak = rng.normal(y * 0.2, 1.0)
-    out = metrics.paired_bootstrap(metrics.auroc, [y, good], [y, weak], groups=np.arange(200), n=300)
+    counts = metrics.resample_counts(np.arange(200), 300)
+    out = metrics.paired_difference(metrics.auroc(y, good) - metrics.auroc(y, weak),
+                                    metrics.resampled(y, good, 0.5, counts)["auroc"]
+                                    - metrics.resampled(y, weak, 0.5, counts)["auroc"])
     assert out["difference"] == pytest.approx(metrics.auroc(y, good) - metrics.auroc(y, weak))
     assert out["ci_low"] > 0 and out["p_value"] < 0.01
 
