@@ -16,7 +16,7 @@ import numpy as np
 from ray import tune
 
 from . import storage
-from .study_layout import plan_key, trial_label
+from .study_layout import diverged, plan_key, trial_label
 
 
 def epoch_line(name: str, m: dict, epochs: int | None = None, width: int = 24) -> str:
@@ -68,7 +68,12 @@ class StudyProgress(tune.Callback):
         arm = trial.config["arm"]
         if value is not None and (arm not in self.best or self.sign * value > self.sign * self.best[arm]):
             self.best[arm] = value
-        if result.get("done") and result["epoch"] < epochs:
+        if diverged(result):
+            self.ended[plan_key(trial.config)] = "diverged"
+            lr = self.plans[plan_key(trial.config)]["train"]["lr"]
+            print(f"{self._name(trial)}  diverged at epoch {result['epoch']} (non-finite outputs at lr {lr:g}): "
+                  f"ended there, ranked last", flush=True)
+        elif result.get("done") and result["epoch"] < epochs:
             self.ended[plan_key(trial.config)] = "stopped"
             print(f"{self._name(trial)}  stopped by ASHA at epoch {result['epoch']} ({self.metric} {value:.4f} "
                   f"below its arm's rung)", flush=True)
@@ -89,7 +94,7 @@ class StudyProgress(tune.Callback):
         ended = [self.ended.get(key) for key in mine]
         running = sum(t.config["arm"] == arm and t.status == "RUNNING" and plan_key(t.config) not in self.ended
                       for t in trials)
-        failed = f", {ended.count('failed')} failed" if "failed" in ended else ""
+        failed = "".join(f", {ended.count(k)} {k}" for k in ("diverged", "failed") if k in ended)
         best = f"; best {self.metric} {self.best[arm]:.4f}" if arm in self.best else ""
         elapsed = time.time() - self.start
         heard = [x for xs in self.epoch_seconds.values() for x in xs]

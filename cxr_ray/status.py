@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from . import storage
-from .study_layout import FINAL, SEARCH, asha_stops, history_file, read_spec, trial_id_of
+from .study_layout import FINAL, SEARCH, asha_stops, diverged, history_file, read_spec, trial_id_of
 from .evaluation import ci_text
 
 
@@ -50,11 +50,13 @@ def status(sdir: str) -> str:
         lines.append(f"{phase}: {planned[phase]} trials per arm; best {metric} so far")
         for arm in spec.arm_names:
             target = spec.epochs_for(arm) if phase == SEARCH else spec.final_epochs_for(arm)
-            counts = {"completed": 0, "stopped": 0, "failed": 0, "running": 0}
+            counts = {"completed": 0, "stopped": 0, "diverged": 0, "failed": 0, "running": 0}
             best = None
             for t in (t for t in trials if t["arm"] == arm):
                 epochs = t["history"][-1]["epoch"] if t["history"] else 0
-                state = ("stopped" if t["trial_id"] in stops else "completed" if epochs >= target
+                state = ("stopped" if t["trial_id"] in stops
+                         else "diverged" if t["history"] and diverged(t["history"][-1])
+                         else "completed" if epochs >= target
                          else "failed" if t["error"] else "running")
                 counts[state] += 1
                 for row in t["history"]:

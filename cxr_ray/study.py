@@ -30,8 +30,8 @@ from . import console, data, evaluation, external, models, runtime, spec as spec
 from .config import TrainConfig
 from .errors import CxrError
 from .scheduler import PerArmASHA
-from .study_layout import (FINAL, SEARCH, asha_state_file, asha_stops, history_file, plan_key, read_spec,
-                           trial_id_of, trial_name)
+from .study_layout import (FINAL, SEARCH, asha_state_file, asha_stops, diverged, history_file, plan_key,
+                           read_spec, trial_id_of, trial_name)
 
 
 class StudyError(CxrError, RuntimeError):
@@ -165,7 +165,7 @@ def _relative(path: str, sdir: str) -> str:
 
 def trial_summary(trials: pd.DataFrame, spec: specs.Spec, stops: dict) -> pd.DataFrame:
     """One row per trial, every trial of the phase included: last epoch, best and last metric,
-    outcome (completed, stopped by ASHA, unfinished, error), times."""
+    outcome (completed, stopped by ASHA, diverged, unfinished, error), times."""
     metric, sign = spec.selection.metric, spec.selection.sign
     rows = []
     for tid, g in trials.groupby("trial_id", sort=False):
@@ -181,6 +181,8 @@ def trial_summary(trials: pd.DataFrame, spec: specs.Spec, stops: dict) -> pd.Dat
         epochs_needed = spec.epochs_for(last["arm"]) if last["phase"] == SEARCH else spec.final_epochs_for(last["arm"])
         if tid in stops:
             outcome = f"stopped by ASHA at epoch {int(stops[tid]['epoch'])}"
+        elif diverged(last):
+            outcome = f"diverged at epoch {int(last['epoch'])}"
         elif last["epoch"] >= epochs_needed:
             outcome = "completed"
         else:
@@ -210,6 +212,7 @@ def budget_table(summary: pd.DataFrame, spec: specs.Spec) -> pd.DataFrame:
         row = {"arm": arm, "trials": len(s), "epochs": int(s["epochs"].sum()),
                "stopped_early": int(s["outcome"].str.startswith("stopped").sum()),
                "completed": int((s["outcome"] == "completed").sum()),
+               "diverged": int(s["outcome"].str.startswith("diverged").sum()),
                **{f"reached_epoch_{m}": int((s["epochs"] >= m).sum()) for m in sorted(set(milestones))},
                f"{accel}_seconds": float(s["in_loop_s"].sum() * r.workers_per_trial * per_worker),
                "wall_seconds": float(s["wall_s"].sum())}

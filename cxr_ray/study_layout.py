@@ -80,3 +80,9 @@ def asha_stops(sdir: str) -> dict:
     """Trial id -> where ASHA stopped it ({} before the first decision)."""
     uri = asha_state_file(sdir)
     return storage.read_json(uri)["stopped"] if storage.exists(uri) else {}
+
+
+def diverged(row) -> bool:
+    """Whether a run's record row (an epoch of metrics.csv, a Tune result) is the epoch it diverged
+    at: non-finite outputs, recorded and the run ended there (bool, or text read back from a CSV)."""
+    return str(row.get("diverged", False)) == "True"

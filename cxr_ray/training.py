@@ -226,13 +226,19 @@ def predict_distributed(model, images, rows, norm, device, rank, world, amp) -> 
 
 
 def epoch_metrics(y: np.ndarray, p: np.ndarray, prefix: str = "val") -> dict:
-    """AUROC, and accuracy/sensitivity/specificity/F1 at 0.5 and at the Youden-J threshold."""
-    out = {f"{prefix}_auroc": metrics.auroc(y, p)}
-    threshold = metrics.youden_threshold(y, p)
+    """Loss, AUROC, and accuracy/sensitivity/specificity/F1 at 0.5 and at the Youden-J threshold;
+    NaN throughout when the outputs are not finite (a diverged run has nothing to score)."""
+    finite = bool(np.isfinite(p).all())
+    eps = 1e-7
+    out = {f"{prefix}_loss": float(F.binary_cross_entropy(torch.from_numpy(p).clamp(eps, 1 - eps),
+                                                            torch.from_numpy(y.astype(np.float32))))
+           if finite else math.nan,
+           f"{prefix}_auroc": metrics.auroc(y, p) if finite else math.nan}
+    threshold = metrics.youden_threshold(y, p) if finite else math.nan
     for tag, t in (("", 0.5), ("_youden", threshold)):
-        c = metrics.confusion(y, p, t)
+        c = metrics.confusion(y, p, t) if finite else {}
         for k in ("accuracy", "sensitivity", "specificity", "f1"):
-            out[f"{prefix}_{k}{tag}"] = c[k]
+            out[f"{prefix}_{k}{tag}"] = c.get(k, math.nan)
     out["threshold"] = threshold
     return out
 
@@ -457,7 +463,7 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
         # its scheduler) may have died before hearing it, and may have decided to stop this run on it
         # (ASHA's decisions outlive the driver). Nothing is trained or written for it.
         world.report(last | {"started_at_epoch": start_epoch}, saved[start_epoch] if rank == 0 else None)
-        if start_epoch >= cfg.epochs:
+        if start_epoch >= cfg.epochs or last.get("diverged"):
             return
 
     y_train = labels[train_rows]
@@ -484,13 +490,14 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
         if dist.is_initialized():
             dist.all_reduce(stats)
         loss_total, seen_total, wait_total, time_total = stats.tolist()
-        eps = 1e-7
+        # Weights gone to inf/NaN (a learning rate far too high) give non-finite outputs: the epoch is
+        # recorded as diverged and the run ends there, rather than crashing the trial.
+        diverged = not (np.isfinite(p_val).all() and math.isfinite(loss_total))
         report = {
             "epoch": epoch + 1,
             "train_loss": loss_total / max(seen_total, 1),
-            "val_loss": float(F.binary_cross_entropy(torch.from_numpy(p_val).clamp(eps, 1 - eps),
-                                                     torch.from_numpy(val_y.astype(np.float32)))),
             **epoch_metrics(val_y, p_val),
+            "diverged": diverged,
             "images_per_s": seen_total / max(time_total / size, 1e-9),
             "data_wait_fraction": wait_total / max(time_total, 1e-9),
             "train_time_s": time_total / size,
@@ -500,7 +507,7 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
             **where,
         }
         arrays = {"val_probabilities": p_val}
-        if epoch + 1 == cfg.epochs and cfg.evaluate_test:  # a final run: scored on test and external sets now
+        if epoch + 1 == cfg.epochs and cfg.evaluate_test and not diverged:  # a final run: scored on test and external sets now
             arrays["test_probabilities"] = predict_distributed(scored, images, data["test"], norm, device, rank,
                                                                size, cuda)
             for name, ext_images in data.get("external", {}).items():
@@ -520,6 +527,8 @@ def train_loop(cfg: TrainConfig, data: dict, run_dir: str, world, keep_checkpoin
             if ray.is_initialized():
                 export_gauges(cfg, world.name, report)
         world.report(report, checkpoint)
+        if diverged:
+            return
 
 
 def run_in_trial(cfg: TrainConfig, data_ref, run_dir: str, keep_checkpoints: int = 2) -> None:

@@ -107,6 +107,7 @@ def write_study(root, mode: str) -> str:
         "t_00001": ("lcnet_050", 1, [0.70], False),  # stopped by ASHA
         "t_00002": ("lcnet_050", 2, [0.65, 0.30], False),  # running
         "t_00003": ("resnet10t", 0, [0.80], True),  # failed
+        "t_00004": ("resnet10t", 1, [0.90, float("nan")], False),  # diverged at epoch 2
     }
     for tid, (arm, cid, losses, error) in histories.items():
         trial_dir = root / "search" / f"{arm}-c{cid}-s0-{tid}"
@@ -116,8 +117,8 @@ def write_study(root, mode: str) -> str:
             (trial_dir / "error.txt").write_text("Traceback ...")
         run = root / "runs" / tid
         run.mkdir(parents=True)
-        pd.DataFrame({"epoch": range(1, len(losses) + 1), "val_loss": losses}).to_csv(run / "metrics.csv",
-                                                                                      index=False)
+        pd.DataFrame({"epoch": range(1, len(losses) + 1), "val_loss": losses,
+                      "diverged": np.isnan(losses)}).to_csv(run / "metrics.csv", index=False)
     (root / "asha_state.json").write_text(json.dumps({"stopped": {"t_00001": {"arm": "lcnet_050", "epoch": 1}}}))
     return str(root)
 
@@ -130,6 +131,7 @@ def test_status_counts_outcomes_and_picks_the_best_the_way_the_selection_mode_sa
         lcnet = next(ln for ln in lines if ln.strip().startswith("lcnet_050"))
         assert "1 completed, 1 stopped, 1 running" in lcnet and lcnet.rstrip().endswith(best), lcnet
         resnet = next(ln for ln in lines if ln.strip().startswith("resnet10t"))
-        assert "1 failed, 2 not started" in resnet
+        assert "1 diverged, 1 failed, 1 not started" in resnet, resnet  # a diverged epoch (NaN) is never the best
+        assert resnet.rstrip().endswith("0.8000 (config 0, epoch 1)" if mode == "min" else "0.9000 (config 1, epoch 1)")
         assert "final: not started" in lines
         assert max(map(len, lines)) <= 100

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr_ray import config, data, training
+from cxr_ray import config, data, spec as specs, study, study_layout, training
 
 
 def cfg(**kw) -> config.TrainConfig:
@@ -187,3 +187,29 @@ def test_resume_continues_the_uninterrupted_trajectory(tiny, tmp_path, recipe):
     training.train_loop(c, tiny, str(cut), again)
     assert len(again.reports) == 1 and again.reports[0]["epoch"] == 3 and again.reports[0]["started_at_epoch"] == 3
     pd.testing.assert_frame_equal(pd.read_csv(cut / "metrics.csv"), resumed)
+
+
+def test_a_run_whose_weights_diverge_records_the_epoch_and_ends_there(tiny, tmp_path):
+    """A learning rate far too high overflows the weights: the epoch is recorded as diverged (NaN
+    metrics, no crash) and the run ends at it; relaunched, it trains nothing more."""
+    c = cfg(epochs=3, batch_size=16, threads=1, lr=1e30, weight_decay=1.0)  # |w| grows 1e30-fold per step
+    world = training.LocalWorld()
+    training.train_loop(c, tiny, str(tmp_path), world)
+    history = pd.read_csv(tmp_path / "metrics.csv")
+    assert history["epoch"].tolist() == [1] and [r["epoch"] for r in world.reports] == [1]
+    assert history["diverged"].tolist() == [True] and study_layout.diverged(world.reports[0])
+    assert history[["val_loss", "val_auroc", "threshold"]].isna().all(axis=None)
+    again = training.LocalWorld()
+    training.train_loop(c, tiny, str(tmp_path), again)
+    assert [r["epoch"] for r in again.reports] == [1] and len(pd.read_csv(tmp_path / "metrics.csv")) == 1
+    # the study's record of the trial says so, and its budget counts it
+    spec = specs.validate({"name": "d", "data": {"source": "synthetic"}, "arms": ["lcnet_050"],
+                           "search_space": {"lr": {"loguniform": [1e-3, 1e-2]}},
+                           "budget": {"samples_per_arm": 1, "max_epochs": 3}}, "d.yaml")
+    trials = history.assign(phase="search", trial_id="t1", arm="lcnet_050", config_id=0, seed=0, status="ok")
+    summary = study.trial_summary(trials, spec, stops={})
+    assert summary["outcome"].tolist() == ["diverged at epoch 1"]
+    assert study.budget_table(summary, spec)["diverged"].tolist() == [1]
+    # a sane run's record says it did not diverge
+    training.train_loop(cfg(epochs=1, batch_size=16, threads=1), tiny, str(tmp_path / "sane"), training.LocalWorld())
+    assert pd.read_csv(tmp_path / "sane" / "metrics.csv")["diverged"].tolist() == [False]
