@@ -229,6 +229,11 @@ def load_checkpoint(checkpoint_dir: str | Path) -> tuple[Classifier, dict]:
     return model.eval(), meta
 
 
+def local_device() -> torch.device:
+    """The accelerator this process was given (Ray sets CUDA_VISIBLE_DEVICES per task/actor), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def predict_checkpoints(checkpoint_dirs: dict, images: np.ndarray, workers: int | None = None,
                         device: torch.device | None = None) -> dict:
     """key -> P(pneumonia) of every image of ``images`` under that key's checkpoint (a local
@@ -237,7 +242,7 @@ def predict_checkpoints(checkpoint_dirs: dict, images: np.ndarray, workers: int 
     every core this process may use) are scored at once, each on one core: small models split over
     several threads wait at every operator for the slowest thread, which on a busy 2-core machine
     made scoring 7x slower than one thread (README, Results). On a GPU, one after another."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or local_device()
     workers = 1 if device.type == "cuda" else workers or len(os.sched_getaffinity(0))
     torch.set_num_threads(1)
     rows, local = np.arange(len(images)), threading.local()

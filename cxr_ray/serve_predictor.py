@@ -38,7 +38,7 @@ class Predictor:
         self.size, self.norm = self.meta["image_size"], (self.meta["mean"], self.meta["std"])
         self.threshold = float(self.meta["threshold"] if choice.threshold is None else choice.threshold)
         self.platt = choice.platt
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = models.local_device()
         for model in self.members:
             model.to(self.device)
             model.requires_grad_(False)  # Grad-CAM asks for d(logit)/d(maps) only: no shared .grad state

@@ -299,7 +299,7 @@ class LocalWorld:
 
     def __init__(self, name: str = "local", label: str = ""):
         self.name, self.label, self.reports = name, label or name, []
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = models.local_device()
 
     def wrap(self, model, find_unused: bool):
         return model.to(self.device)
