@@ -25,6 +25,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_decode.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_manifest.py --images 20000
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
