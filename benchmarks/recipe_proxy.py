@@ -356,7 +356,7 @@ def external_films(size: int, pool_sha1: set) -> tuple[np.ndarray, np.ndarray]:
 def check(out: Path) -> None:
     """Score every finished run ONCE on the internal test split, its view and the shared external
     third (after every choice was made on validation and the view), then print them side by side."""
-    from cxr_ray import metrics
+    from cxr_ray import metrics, training
     (out / "check").mkdir(exist_ok=True)
     sets_by_size = {}
     for name in sorted(load_preds(out)):
@@ -372,8 +372,7 @@ def check(out: Path) -> None:
             sets_by_size[size] = ({"test": test, "test_proxy": proxy_views(test), "external": ext_images},
                                   {"y_test": labels[prep.rows["test"]], "y_external": y_ext})
         sets, labels = sets_by_size[size]
-        last = str(out / "runs" / name / f"checkpoint_{values['epochs']}")
-        probs = score_sets(last, sets)
+        probs = score_sets(training.checkpoint_uri(str(out / "runs" / name), values["epochs"]), sets)
         np.savez(out / "check" / f"{name}.npz", **load_preds(out)[name], **labels, **probs)
         print(f"{name}: scored", flush=True)
 
