@@ -36,19 +36,24 @@ KEEP = (0.84, 0.92)  # fraction of the longer crop axis kept (the rest is margin
 BLACK, WHITE, GAMMA = (0.0, 0.08), (0.82, 1.0), (0.75, 1.33)
 PERCENTILES = (1.0, 99.0)  # each film's range, mapped onto the drawn black and white points
 CHUNK = 256  # images resampled at once (bounds the float buffers at large sizes)
+PARTS = ("squash", "margins", "window")
 
 
-def view(images: np.ndarray, seed: int = 0) -> np.ndarray:
+def view(images: np.ndarray, seed: int = 0, parts: tuple[str, ...] = PARTS) -> np.ndarray:
     """The shortcut-randomised view of ``images`` (uint8, N x S x S): re-squashed, margins cropped,
-    re-windowed; every film's draws come from ``seed`` and its position in ``images``."""
+    re-windowed; every film's draws come from ``seed`` and its position in ``images``. ``parts``
+    leaves out the others (to see which cue a model leans on); the draws stay the same."""
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
         raise ValueError(f"proxy.view takes uint8 images of shape (N, S, S), got {images.dtype} {images.shape}")
+    if not set(parts) <= set(PARTS):
+        raise ValueError(f"proxy.view: unknown part(s) {sorted(set(parts) - set(PARTS))}; known: {', '.join(PARTS)}")
     n, size = images.shape[0], images.shape[1]
     # Eight uniform draws per film from (seed, row): a film's view does not depend on the others.
     u = np.array([np.random.default_rng([seed, row]).random(8) for row in range(n)]).reshape(n, 8).T
     squash = np.exp(np.where(u[0] < 0.5, -1, 1) * _between(u[1], *np.log(SQUASH)))  # > 1: narrower anatomy
     keep = _between(u[2], *KEEP)
+    squash, keep = np.where("squash" in parts, squash, 1.0), np.where("margins" in parts, keep, 1.0)
     # Resizing a box of width/height ratio 1/squash to a square makes the anatomy squash times narrower.
     width, height = keep * np.minimum(squash, 1), keep * np.minimum(1 / squash, 1)
     left = (1 - width) / 2 * _between(u[3], 0.75, 1.25)
@@ -61,7 +66,7 @@ def view(images: np.ndarray, seed: int = 0) -> np.ndarray:
         part = slice(start, start + CHUNK)
         x = crop_resize(images[part], left[part] * size, top[part] * size, width[part] * size,
                         height[part] * size)
-        out[part] = rewindow(x, black[part], white[part], gamma[part])
+        out[part] = rewindow(x, black[part], white[part], gamma[part]) if "window" in parts else np.round(x)
     return out
 
 

@@ -98,3 +98,15 @@ def test_rejects_what_is_not_a_stack_of_square_uint8_films():
         proxy.view(np.zeros((2, 32, 40), np.uint8))
     with pytest.raises(ValueError, match="uint8 images of shape"):
         proxy.view(np.zeros((2, 32, 32), np.float32))
+
+
+def test_parts_can_be_left_out_one_cue_at_a_time():
+    films = rectangle_films(20, size=64, width=30, height=30)
+    assert np.array_equal(proxy.view(films, seed=0, parts=()), films)
+    windowed = proxy.view(films, seed=0, parts=("window",))
+    assert all(bright_box(f) == bright_box(o) for f, o in zip(windowed, films))  # geometry as it was
+    assert not np.array_equal(windowed, films)
+    squashed = proxy.view(films, seed=0, parts=("squash",))
+    assert all(w != h for w, h in map(bright_box, squashed))
+    with pytest.raises(ValueError, match="unknown part"):
+        proxy.view(films, parts=("blur",))
