@@ -10,6 +10,7 @@ resumes from its last epoch's checkpoint, so nothing is lost if the process stop
 
     nice -n 15 .venv/bin/python benchmarks/recipe_proxy.py --out DIR cues          # each cue before/after the view
     nice -n 15 .venv/bin/python benchmarks/recipe_proxy.py --out DIR train [VARIANT ...]
+    nice -n 15 .venv/bin/python benchmarks/recipe_proxy.py --out DIR ablate [VARIANT ...]  # the view one cue at a time
     .venv/bin/python benchmarks/recipe_proxy.py --out DIR table                    # variants, ensembles, TTA
     .venv/bin/python benchmarks/recipe_proxy.py --out DIR thresholds               # threshold rules, cross-fitted
     .venv/bin/python benchmarks/recipe_proxy.py --out DIR check                    # ONCE, after choosing: test, shared third
@@ -200,6 +201,33 @@ def train(out: Path, names: list[str]) -> None:
         print(f"{name}: val AUROC {row['val_auroc']:.4f}  proxy AUROC {row['proxy_auroc']:.4f}  proxy accuracy "
               f"{row['proxy_accuracy']:.3f} (spec {row['proxy_specificity']:.3f}) at {threshold:.3f}; "
               f"{row['epoch_s_median']:.1f} s/epoch, {wall:.0f} s", flush=True)
+
+
+def ablate(out: Path, names: list[str]) -> None:
+    """Which cue a model leans on: its validation AUROC and specificity (at its validation threshold)
+    on the view with one part at a time, and with all."""
+    import torch
+
+    from cxr_ray import metrics, models, proxy, training
+    torch.set_num_threads(1)
+    runs = load_preds(out)
+    print(f"{'run':<14}{'val':>8}" + "".join(f"{p or 'all':>18}" for p in (*proxy.PARTS, "")) + "   (AUROC / specificity)")
+    for name in [run_name(*r) for r in queue(names)] if names else list(runs):
+        if name not in runs:
+            continue
+        values = BASE | VARIANTS[name.rpartition("-s")[0]][0]
+        prep = prepared(values["image_size"])
+        films, y = np.asarray(prep.cache.images[prep.rows["val"]]), runs[name]["y_val"]
+        model, meta = models.load_checkpoint(training.checkpoint_uri(str(out / "runs" / name), values["epochs"]))
+        t = metrics.youden_threshold(y, runs[name]["val"])
+        cells = []
+        for part in (*proxy.PARTS, None):
+            parts = (part,) if part else proxy.PARTS
+            x = np.concatenate([proxy.view(films, seed, parts) for seed in VIEW_SEEDS])
+            p = models.predict(model, x, np.arange(len(x)), (meta["mean"], meta["std"]), torch.device("cpu"))
+            yy = np.tile(y, len(VIEW_SEEDS))
+            cells.append(f"{metrics.auroc(yy, p):.4f} / {metrics.confusion(yy, p, t)['specificity']:.3f}")
+        print(f"{name:<14}{metrics.auroc(y, runs[name]['val']):>8.4f}" + "".join(f"{c:>18}" for c in cells), flush=True)
 
 
 def load_preds(out: Path, folder: str = "preds") -> dict[str, dict[str, np.ndarray]]:
@@ -427,7 +455,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "recipe_proxy",
                         help="where runs, probabilities and runs.csv go (default runs/recipe_proxy)")
-    parser.add_argument("command", choices=("cues", "train", "table", "thresholds", "check"))
+    parser.add_argument("command", choices=("cues", "train", "ablate", "table", "thresholds", "check"))
     parser.add_argument("variants", nargs="*", help=f"train only these, in this order: variants "
                         f"({', '.join(VARIANTS)}) or single runs (VARIANT-sSEED)")
     args = parser.parse_args()
@@ -440,6 +468,7 @@ def main() -> int:
         return 2
     os.makedirs(args.out, exist_ok=True)
     {"cues": lambda: cues(BASE["image_size"]), "train": lambda: train(args.out, args.variants),
+     "ablate": lambda: ablate(args.out, args.variants),
      "table": lambda: table(args.out), "thresholds": lambda: thresholds(args.out),
      "check": lambda: check(args.out)}[args.command]()
     return 0
