@@ -323,13 +323,16 @@ def rule_thresholds(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict[st
       boot-median the median of the Youden thresholds of 200 patient resamples
       plateau-mid the middle (logit scale) of the thresholds of maximal J
       noise-mid   the middle of the thresholds within the resampling noise of maximal J (one SD of the
-                  resampled maxima below it)"""
+                  resampled maxima below it)
+      sens-0.95, calibrated: the product's sensitivity (target 0.95) and calibrated policies, for comparison"""
     from cxr_ray import metrics
     t, j = j_curve(y, p)
     boot_t, boot_j = bootstrap_maxima(y, p, groups)
     return {"youden": metrics.youden_threshold(y, p), "boot-median": float(np.median(boot_t)),
             "plateau-mid": interval_middle(t, j, j.max() - 1e-12),
-            "noise-mid": interval_middle(t, j, j.max() - boot_j.std())}
+            "noise-mid": interval_middle(t, j, j.max() - boot_j.std()),
+            "sens-0.95": metrics.threshold_at_sensitivity(y, p, 0.95),
+            "calibrated": metrics.operating_point("calibrated", y, p)["threshold"]}
 
 
 def thresholds(out: Path, halvings: int = 40) -> None:
