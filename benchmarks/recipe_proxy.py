@@ -12,7 +12,7 @@ resumes from its last epoch's checkpoint, so nothing is lost if the process stop
     nice -n 15 .venv/bin/python benchmarks/recipe_proxy.py --out DIR train [VARIANT ...]
     nice -n 15 .venv/bin/python benchmarks/recipe_proxy.py --out DIR ablate [VARIANT ...]  # the view one cue at a time
     .venv/bin/python benchmarks/recipe_proxy.py --out DIR table                    # variants, ensembles, TTA
-    .venv/bin/python benchmarks/recipe_proxy.py --out DIR thresholds               # threshold rules, cross-fitted
+    .venv/bin/python benchmarks/recipe_proxy.py --out DIR thresholds [VARIANT ...]  # threshold rules, cross-fitted
     .venv/bin/python benchmarks/recipe_proxy.py --out DIR check                    # ONCE, after choosing: test, shared third
 
 Figures only: nothing here asserts. Timings are contended on a shared machine (``machine()`` says how).
@@ -335,7 +335,7 @@ def rule_thresholds(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict[st
             "calibrated": metrics.operating_point("calibrated", y, p)["threshold"]}
 
 
-def thresholds(out: Path, halvings: int = 40) -> None:
+def thresholds(out: Path, variants: list[str], halvings: int = 40) -> None:
     """Each rule chosen on one half of the validation patients (clean) and scored on the other half,
     clean and on its view, over random halvings: how the point holds on new films and on shifted ones,
     and how much it moves (the spread of the chosen threshold)."""
@@ -349,6 +349,8 @@ def thresholds(out: Path, halvings: int = 40) -> None:
     splits = [np.isin(groups, rng.choice(patients, len(patients) // 2, replace=False)) for _ in range(halvings)]
     rows = []
     for name, p in models_scored(out).items():
+        if variants and name.removesuffix("_tta").rsplit("-", 1)[0] not in variants:
+            continue
         proxy_p = p["val_proxy"].reshape(copies, -1)
         for a in splits:
             b = ~a
@@ -472,7 +474,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     {"cues": lambda: cues(BASE["image_size"]), "train": lambda: train(args.out, args.variants),
      "ablate": lambda: ablate(args.out, args.variants),
-     "table": lambda: table(args.out), "thresholds": lambda: thresholds(args.out),
+     "table": lambda: table(args.out), "thresholds": lambda: thresholds(args.out, args.variants),
      "check": lambda: check(args.out)}[args.command]()
     return 0
 
