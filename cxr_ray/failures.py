@@ -140,7 +140,7 @@ def grid_png(fs: FailureSet, tiles: list[np.ndarray], heat: list, arm: str, seed
     from matplotlib.figure import Figure
 
     from .serve_predictor import overlay
-    per_row = max(1, min(PER_KIND, fs.cases["error"].value_counts().max()))
+    per_row = max(4, min(PER_KIND, fs.cases["error"].value_counts().max()))  # 4: room for the title
     meta = [c for c in fs.cases.columns if c not in TABLE_COLUMNS]
     fig = Figure(figsize=(1.9 * per_row, 2 * (2.3 + 0.16 * len(meta))), dpi=100, layout="constrained")
     axes = fig.subplots(2, per_row, squeeze=False)
