@@ -202,7 +202,8 @@ def markdown(card: dict) -> str:
     b = sel["budget"]
     lines += ["## Selection", "",
               f"Arms: {', '.join(a['name'] for a in sel['arms'])} ({'matched' if sel['matched'] else 'UNMATCHED'}). "
-              f"{b['configurations_per_arm']} configurations per arm, up to {b['max_epochs']} epochs, {b['scheduler']}; "
+              f"{b['configurations_per_arm']} configurations per arm, up to {b['max_epochs']} epochs, "
+              f"{b['scheduler']}; "
               f"selected on {sel['selection_metric']}; search seed {sel['search_seed']}, final seeds "
               f"{', '.join(map(str, sel['final_seeds']))}; threshold policy "
               f"{policy_words(sel['threshold_policy'])}. {sel['procedure']}", "",
@@ -219,7 +220,7 @@ def markdown(card: dict) -> str:
     if not sub["analysed"]:
         lines.append(sub["note"].capitalize() + ".")
     else:
-        lines += ["| set | column | level | images | AUROC | sensitivity | specificity |", "|---|---|---|---|---|---|---|"]
+        lines += ["| set | column | level | images | AUROC | sensitivity | specificity |", "|---" * 7 + "|"]
         for r in sub["rows"]:
             lines.append(f"| {r.get('set')} | {r.get('column')} | {r.get('level')} | {r.get('n_images')} | "
                          + " | ".join(range_words(r, k) if r.get("status") == "ok" else str(r.get("status"))

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import FAKE_BEST_ARM, chromium
+from conftest import FAKE_BEST_ARM, headless_tab
 from cxr_ray import evaluation, failures, model_card, report, spec as specs, storage, synthetic
 from cxr_ray.results import Study
 from cxr_ray.study_layout import read_spec
@@ -72,7 +72,8 @@ def test_card_states_the_served_model_data_metrics_and_hash(fake_study_dir):
             "NORMAL": int((g["label"] == 0).sum()), "PNEUMONIA": int((g["label"] == 1).sum())}
     row = pd.read_csv(fake_study_dir / "summary.csv").set_index("arm").loc[FAKE_BEST_ARM]
     for m in ("auroc", "sensitivity", "specificity", "ece"):
-        assert card["metrics"]["test"][m] == {"value": pytest.approx(row[m]), "ci_low": pytest.approx(row[f"{m}_ci_low"]),
+        assert card["metrics"]["test"][m] == {"value": pytest.approx(row[m]),
+                                              "ci_low": pytest.approx(row[f"{m}_ci_low"]),
                                               "ci_high": pytest.approx(row[f"{m}_ci_high"])}
     final = pd.read_csv(fake_study_dir / "final.csv")
     served = final[(final["arm"] == best["arm"]) & (final["seed"] == best["seed"])].iloc[0]
@@ -158,14 +159,16 @@ def drawn(fake_study_dir, tmp_path_factory) -> Path:
     evaluation.evaluate_external(spec, str(sdir), EXTERNAL, index, probs, {"images": 40})
     index.to_csv(sdir / "external" / EXTERNAL / "index.csv", index=False)
     audit = json.loads((sdir / "external" / EXTERNAL / "audit.json").read_text())
-    (sdir / "external" / EXTERNAL / "audit.json").write_text(json.dumps(audit | {"cache": cache(EXTERNAL, list(index["item"]))}))
+    audit["cache"] = cache(EXTERNAL, list(index["item"]))
+    (sdir / "external" / EXTERNAL / "audit.json").write_text(json.dumps(audit))
     report.write(str(sdir))
     return sdir
 
 
 def test_grids_show_the_served_runs_most_confident_errors(drawn):
     best = json.loads((drawn / "best.json").read_text())
-    for name, preds in (("test", drawn / "predictions.csv"), (EXTERNAL, drawn / "external" / EXTERNAL / "predictions.csv")):
+    for name, preds in (("test", drawn / "predictions.csv"),
+                        (EXTERNAL, drawn / "external" / EXTERNAL / "predictions.csv")):
         table = pd.read_csv(drawn / "report" / f"failures_{name}.csv")
         expected = failures.most_confident_errors(pd.read_csv(preds), best["arm"], best["seed"])
         assert list(table["item"]) == list(expected["item"]) and len(table) > 0
@@ -214,24 +217,15 @@ def test_grids_are_redrawn_when_the_cases_change_and_a_missing_cache_is_named(dr
 
 
 def test_report_with_failure_cases_and_model_card_renders_in_headless_chromium(drawn):
-    browser_path = chromium()
-    from playwright.sync_api import sync_playwright
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=args)
-        try:
-            tab = browser.new_page(viewport={"width": 1280, "height": 3000})
-            tab.goto((drawn / "report" / "index.html").as_uri(), wait_until="load")
-            headings = tab.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
-            grids = tab.evaluate("Array.from(document.images).filter(i => i.alt.startsWith('failures_'))"
-                                 ".map(i => [i.alt, i.complete ? i.naturalWidth : 0])")
-            card = tab.evaluate("(() => { const h = Array.from(document.querySelectorAll('h2'))"
-                                ".find(h => h.textContent === 'Model card'); let t = '', n = h.nextElementSibling;"
-                                " while (n && n.tagName !== 'H2') { t += n.textContent + ' '; n = n.nextElementSibling; }"
-                                " return t; })()")
-        finally:
-            browser.close()
+    with headless_tab(viewport={"width": 1280, "height": 3000}) as tab:
+        tab.goto((drawn / "report" / "index.html").as_uri(), wait_until="load")
+        headings = tab.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+        grids = tab.evaluate("Array.from(document.images).filter(i => i.alt.startsWith('failures_'))"
+                             ".map(i => [i.alt, i.complete ? i.naturalWidth : 0])")
+        card = tab.evaluate("(() => { const h = Array.from(document.querySelectorAll('h2'))"
+                            ".find(h => h.textContent === 'Model card'); let t = '', n = h.nextElementSibling;"
+                            " while (n && n.tagName !== 'H2') { t += n.textContent + ' '; n = n.nextElementSibling; }"
+                            " return t; })()")
     assert headings.index("Failure cases") < headings.index("Model card") < headings.index("Reproduction")
     assert sorted(a for a, _ in grids) == sorted(["failures_test", f"failures_{EXTERNAL}"])
     assert all(w > 400 for _, w in grids), grids
