@@ -269,7 +269,7 @@ def test_model_card_is_linked_and_served_as_json_or_markdown(served, study):
     card = requests.get(f"{served.url}{info['model_card']}", timeout=30)
     assert card.status_code == 200 and card.headers["content-type"].startswith("application/json")
     assert card.json() == json.loads((study / "report" / "model_card.json").read_text())
-    assert card.json()["model"]["checkpoint"] == "runs/t0/checkpoint_0" and "not a medical device" in card.text
+    assert card.json()["model"]["checkpoint"] == "runs/t0/checkpoint_0" and "not a medical device" in card.text.lower()
     md = requests.get(f"{served.url}/v1/model/card", headers={"Accept": "text/markdown"}, timeout=30)
     assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
     assert md.text == (study / "report" / "model_card.md").read_text() and md.text.startswith("# Model card")
