@@ -447,13 +447,19 @@ def map_images(location: str) -> np.ndarray:
     return np.load(local, mmap_mode="r")
 
 
+def read_cache(directory: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """A built cache's images (memory-mapped) and what it decoded (item, sha1, width, height), row by row."""
+    directory = Path(directory)
+    return (np.load(directory / "images.npy", mmap_mode="r"),
+            pd.read_csv(directory / "index.csv", dtype={"item": str, "sha1": str}))
+
+
 def load_cache(directory: str | Path, source: Source) -> Cache:
     """A built cache whose index carries ``source``'s labels and metadata (the pixels were keyed by
     the images alone), in the listing's order, without the items that could not be decoded."""
-    directory = Path(directory)
-    decoded = pd.read_csv(directory / "index.csv", dtype={"item": str, "sha1": str})
+    images, decoded = read_cache(directory)
     index = source.items.merge(decoded[["item", *DECODED_COLUMNS]], on="item", how="inner", validate="1:1")
-    return Cache(directory, np.load(directory / "images.npy", mmap_mode="r"), index)
+    return Cache(Path(directory), images, index)
 
 
 # ----------------------------------------------------------------------------- split

@@ -47,7 +47,7 @@ def audit(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: str | No
     if ext.source == "synthetic":
         source |= {"synthetic_images": ext.synthetic_images, "synthetic_seed": ext.synthetic_seed,
                    "synthetic_shift": ext.synthetic_shift}
-    return cache, flagged, summary | {"name": ext.name, "set": source,
+    return cache, flagged, summary | {"name": ext.name, "set": source, "cache": str(cache.dir),
                                       "classes": flagged["label"].value_counts().sort_index().to_dict(),
                                       "composition": data.composition(flagged)}
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import evaluation, figures, metrics, spec as specs, storage
+from . import evaluation, failures, figures, metrics, model_card, spec as specs, storage
 from .figures import METRIC_LABELS
 from .results import Missing, Study
 
@@ -447,7 +447,38 @@ def figure_blocks(s: Study) -> list[Block]:
     return blocks
 
 
-# ----------------------------------------------------------------------------- 6. reproduction
+# ----------------------------------------------------------------------------- 6. failure cases, model card
+
+def failure_cases(s: Study) -> list[Block]:
+    sets = failures.failure_sets(s)
+    failures.attach_grids(s, sets)
+    arm, seed = failures.served_run(s)
+    blocks = [Block("text", f"The served model's ({arm}, seed {seed}) most confident errors: up to "
+                            f"{failures.PER_KIND} false positives (NORMAL images with the highest P(pneumonia)) and "
+                            f"{failures.PER_KIND} false negatives (PNEUMONIA images with the lowest), each at the "
+                            f"run's validation-chosen threshold, with Grad-CAM of the last feature maps over the "
+                            f"image the model saw.")]
+    for fs in sets:
+        blocks.append(Block("table", f"Most confident errors on {fs.where} (failures_{fs.name}.csv).",
+                            f"failures_{fs.name}", fs.cases))
+        if fs.png:
+            blocks.append(Block("figure", f"Most confident errors on {fs.where}: false positives in the top row, "
+                                          f"false negatives below; score and threshold above each image.",
+                                f"failures_{fs.name}", png=fs.png))
+        else:
+            blocks.append(Block("note", f"Thumbnails for {fs.where}: none drawn, because {fs.why_no_grid}."))
+    return blocks
+
+
+def card_blocks(s: Study) -> list[Block]:
+    card = model_card.build(s)
+    return ([Block("text", f"{card['intended_use']['use']} The full card, with training data, selection and "
+                           f"subgroup results, is model_card.md (model_card.json) next to this report, and "
+                           f"GET /v1/model/card on a server of this model.")]
+            + [Block("text", f"Known limit: {x}") for x in card["limits"]])
+
+
+# ----------------------------------------------------------------------------- 7. reproduction
 
 def reproduction(s: Study) -> list[Block]:
     blocks = []
@@ -551,7 +582,8 @@ def build(sdir: str) -> tuple[str, list[tuple[str, list[Block]]]]:
     """The report's title and sections for a study directory (nothing written)."""
     s = Study(sdir)
     sections = [("Verdict", verdict), ("Internal vs external", internal_vs_external), ("Fairness audit", fairness),
-                ("Tables", tables), ("Figures", figure_blocks), ("Reproduction", reproduction)]
+                ("Tables", tables), ("Figures", figure_blocks), ("Failure cases", failure_cases),
+                ("Model card", card_blocks), ("Reproduction", reproduction)]
     return f"Study report: {s.spec.name}", [(title, guarded(title, lambda f=f: f(s))) for title, f in sections]
 
 
@@ -570,6 +602,10 @@ def write(study_dir: str) -> str:
                 files[f"{b.name}.png"] = b.png
             elif b.kind == "table":
                 files[f"{b.name}.csv"] = b.df.to_csv(index=False).encode()
+    try:
+        files |= model_card.files(Study(sdir))
+    except Exception:  # noqa: BLE001 - no model chosen yet, or unreadable: the Model card section says why
+        pass
     if storage.is_remote(sdir):
         for name, data in files.items():
             storage.write_bytes(storage.join(sdir, "report", name), data)

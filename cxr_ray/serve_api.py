@@ -78,6 +78,21 @@ class ModelInfo(BaseModel):
     external_metrics: dict[str, dict[str, float | None]] = Field(
         description="per external set (collected apart from train), when the study scored one")
     validation_metrics: dict[str, Any]
+    model_card: str | None = Field(description="where GET returns the model card (null: this model has none)")
+
+
+class ModelCard(BaseModel):
+    """The study's model card (report/model_card.json); Accept: text/markdown gets model_card.md."""
+    card_version: int
+    model: dict[str, Any] = Field(description="study, arm, backbone, seed, checkpoint, threshold, operating point")
+    intended_use: dict[str, Any] = Field(description="research use, not a medical device; what is out of scope")
+    training_data: dict[str, Any] = Field(description="source, notes (label policy), split level, counts per split "
+                                                      "and class")
+    selection: dict[str, Any] = Field(description="arms, budget, seeds, selection metric, threshold policy")
+    metrics: dict[str, Any] = Field(description="internal test and external metrics with 95% CIs")
+    subgroups: dict[str, Any] = Field(description="per-subgroup results, or why there are none")
+    limits: list[str] = Field(description="known limits, one sentence each")
+    spec_hash: str
 
 
 class Health(BaseModel):
@@ -108,6 +123,7 @@ def errors(*statuses: int) -> dict:
                   "this server's", 403: "cross-origin request not allowed", 408: "upload not received in time",
              413: f"request too large, or a non-file form field over {MAX_FIELD_BYTES // 1024} KiB",
              415: "not a JPEG, PNG or DICOM image, or content type not accepted",
+             404: "not found: an unknown path, or no model card for the served model (the body says why)",
              422: "an accepted format that cannot be used: corrupt, truncated, too large, too small, implausible "
                   "shape, multi-frame, too slow to decode",
              501: "Grad-CAM is not available for this model", 503: "replica busy (retry after Retry-After seconds) "
@@ -120,6 +136,10 @@ def errors(*statuses: int) -> dict:
 
 UPLOAD_ERRORS = errors(400, 403, 408, 413, 415, 422, 503)
 GET_ERRORS = errors(400, 403)
+CARD_RESPONSES = {200: {"model": ModelCard, "description": "the card: JSON by default, Markdown with Accept: "
+                                                            "text/markdown",
+                        "content": {"text/markdown": {"schema": {"type": "string"}}}},
+                  **GET_ERRORS, **errors(404)}
 
 
 UPLOAD_PAGE = """<!doctype html>

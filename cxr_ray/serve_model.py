@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import evaluation, metrics, storage
+from . import evaluation, metrics, model_card, storage
 from .errors import CxrError
 from .study_layout import finished_study, read_spec
 
@@ -31,6 +31,7 @@ class ModelChoice:
     operating_point: dict = field(default_factory=dict)  # how the threshold was chosen (policy, target, site)
     external_metrics: dict = field(default_factory=dict)  # external set -> the same metrics, when scored
     study_dir: str | None = None  # where it came from: for the server's log, never sent to clients
+    card: model_card.Served = field(default_factory=model_card.Served)  # GET /v1/model/card, or why none
 
 
 def threshold_policy(text: str) -> tuple[str, float | None]:
@@ -106,7 +107,8 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
     meta = json.loads(Path(locals_[0], "meta.json").read_text())
     identity = {"study": meta["study"], "arm": arm, "seed": -1 if ensemble else int(members.iloc[0]["seed"]),
                 "checkpoint": ",".join(members["checkpoint"]), "spec_hash": meta["spec_hash"]}
-    return ModelChoice(locals_, identity, test_metrics, threshold, platt, point, external, sdir)
+    return ModelChoice(locals_, identity, test_metrics, threshold, platt, point, external, sdir,
+                       model_card.for_model(sdir, identity))
 
 
 def _serve_time_point(sdir: str, arm: str, seeds: list[int], policy: str,

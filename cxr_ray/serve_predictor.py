@@ -67,7 +67,12 @@ class Predictor:
                 "threshold": self.threshold, "model": self.identity}
 
     def explain(self, array: np.ndarray) -> tuple[bytes, float]:
-        """Grad-CAM of the last feature maps, as a PNG overlay on the model's input image.
+        """Grad-CAM of the last feature maps, as a PNG overlay on the model's input image."""
+        cam, probability = self.gradcam(array)
+        return overlay_png(array, cam), probability
+
+    def gradcam(self, array: np.ndarray) -> tuple[np.ndarray, float]:
+        """The Grad-CAM map (in [0, 1], the input's shape) and the served probability of one image.
 
         All autograd state is this call's own (the maps are a fresh leaf, the gradient is returned,
         not accumulated into parameters), so concurrent calls on the shared model are safe.
@@ -87,18 +92,22 @@ class Predictor:
             probs.append(float(torch.sigmoid(logit).item()))
         cam = torch.stack(cams).mean(0).cpu().numpy()
         cam = cam / cam.max() if cam.max() > 0 else cam
-        return overlay_png(array, cam), float(metrics.apply_platt([np.mean(probs)], self.platt)[0])
+        return cam, float(metrics.apply_platt([np.mean(probs)], self.platt)[0])
 
 
-def overlay_png(gray: np.ndarray, heat: np.ndarray, scale: int = 4) -> bytes:
+def overlay(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """A heat map in [0, 1] blended over a uint8 gray image: RGB uint8, hotter is more opaque."""
     from matplotlib import colormaps
-    from PIL import Image
     rgb = np.repeat(gray[..., None] / 255.0, 3, axis=2)
     colour = colormaps["inferno"](heat)[..., :3]
     alpha = 0.45 * heat[..., None]
-    blend = ((1 - alpha) * rgb + alpha * colour) * 255
-    img = Image.fromarray(blend.round().astype(np.uint8)).resize((gray.shape[1] * scale, gray.shape[0] * scale),
-                                                                 Image.Resampling.BILINEAR)
+    return (((1 - alpha) * rgb + alpha * colour) * 255).round().astype(np.uint8)
+
+
+def overlay_png(gray: np.ndarray, heat: np.ndarray, scale: int = 4) -> bytes:
+    from PIL import Image
+    img = Image.fromarray(overlay(gray, heat)).resize((gray.shape[1] * scale, gray.shape[0] * scale),
+                                                      Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()

@@ -30,8 +30,8 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .serve_api import (BATCH_BODY, BINARY, DOCS_ASSETS, GET_ERRORS, IMAGE_BODY, UPLOAD_ERRORS, UPLOAD_PAGE,
-                        BatchResult, Health, ModelInfo, Prediction, Stats, errors)
+from .serve_api import (BATCH_BODY, BINARY, CARD_RESPONSES, DOCS_ASSETS, GET_ERRORS, IMAGE_BODY, UPLOAD_ERRORS,
+                        UPLOAD_PAGE, BatchResult, Health, ModelInfo, Prediction, Stats, errors)
 from .serve_decoders import DecodeClock, DecodePool
 from .serve_limits import (LOCAL_HOSTS, RETRY_AFTER_S, WORKER_WAIT_S, BytesInFlight, Guard, Limits, RequestError,
                            TrustPolicy, Upload, error_response, read_uploads)
@@ -76,6 +76,7 @@ class CXRServer:
         from .serve_predictor import Predictor  # torch: the replica's alone (a driver only chooses the model)
         Guard.trust = TrustPolicy.of(limits)
         self.predictor = Predictor(choice)
+        self.card = choice.card
         self.limits = limits
         self.in_flight = BytesInFlight(int(limits.inflight_mb * 2**20))
         self.decoders = DecodePool(self.predictor.size, limits.decode_workers, limits.decoder_memory_mb)
@@ -173,14 +174,25 @@ class CXRServer:
 
     @api.get("/v1/model", summary="Model identity, preprocessing and the study's test metrics",
              response_model=ModelInfo, responses=GET_ERRORS)
-    async def model_info(self):
+    async def model_info(self, request: Request):
         meta = self.predictor.meta
+        root = request.scope.get("root_path", "").rstrip("/")
         return {"model": self.predictor.identity, "threshold": self.predictor.threshold,
+                "model_card": f"{root}/v1/model/card" if self.card.json else None,
                 "operating_point": self.predictor.operating_point,
                 "preprocessing": {k: meta[k] for k in ("image_size", "mean", "std", "channels", "geometry")},
                 "class_names": meta["class_names"], "test_metrics": finite(self.predictor.test_metrics),
                 "external_metrics": {k: finite(v) for k, v in self.predictor.external_metrics.items()},
                 "validation_metrics": finite(meta["metrics"])}
+
+    @api.get("/v1/model/card", summary="The model card: intended use, data, selection, metrics, limits",
+             response_model=None, responses=CARD_RESPONSES)
+    async def model_card(self, request: Request):
+        if not self.card.json:
+            return error_response(request, RequestError(404, f"no model card: {self.card.missing}"))
+        if "text/markdown" in request.headers.get("accept", ""):
+            return Response(self.card.markdown, media_type="text/markdown; charset=utf-8")
+        return JSONResponse(self.card.json)
 
     @api.get("/v1/stats", summary="Server-side batch sizes seen by this replica", response_model=Stats,
              responses=GET_ERRORS)

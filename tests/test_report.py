@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import FAKE_BEST_ARM, chromium, write_fake_study
+from conftest import FAKE_BEST_ARM, headless_tab, write_fake_study
 from cxr_ray import report, storage
 
-SECTIONS = ["Verdict", "Internal vs external", "Fairness audit", "Tables", "Figures", "Reproduction"]
+SECTIONS = ["Verdict", "Internal vs external", "Fairness audit", "Tables", "Figures", "Failure cases", "Model card",
+            "Reproduction"]
 FIGURES = ["learning_curves", "rung_survival", "test_auroc", "roc", "cost", "sensitivity", "calibration"]
 ARMS = ["resnet18", "densenet", "effnet"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -220,23 +221,13 @@ def test_remote_study_uploads_under_report(fake_study_dir, tmp_path, monkeypatch
 
 
 def test_report_renders_in_headless_chromium(finished, tmp_path):
-    browser_path = chromium()
-    from playwright.sync_api import sync_playwright
-
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=args)
-        try:
-            tab = browser.new_page(viewport={"width": 1280, "height": 4000})
-            requests = []
-            tab.on("request", lambda r: requests.append(r.url))
-            tab.goto((finished / "index.html").as_uri(), wait_until="load")
-            widths = tab.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
-            headings = tab.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
-            shot = tab.screenshot(full_page=True)
-        finally:
-            browser.close()
+    with headless_tab(viewport={"width": 1280, "height": 4000}) as tab:
+        requests = []
+        tab.on("request", lambda r: requests.append(r.url))
+        tab.goto((finished / "index.html").as_uri(), wait_until="load")
+        widths = tab.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        headings = tab.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+        shot = tab.screenshot(full_page=True)
     assert len(widths) == len(FIGURES) and all(w > 100 for w in widths), widths
     assert headings == SECTIONS
     assert all(u.startswith(("file:", "data:")) for u in requests), requests  # nothing fetched from a network

@@ -32,8 +32,9 @@ from ray import serve
 
 import hostile_corpus as hc
 from conftest import CLI, REPO_ROOT, chromium, kill_session
-from cxr_ray import config, data, imaging, models, runtime, serving, spec as specs, synthetic, training
+from cxr_ray import config, data, imaging, model_card, models, runtime, serving, spec as specs, synthetic, training
 from cxr_ray import metrics as cxr_metrics
+from cxr_ray.results import Study
 
 pytestmark = pytest.mark.e2e
 SIZE = 48
@@ -104,7 +105,10 @@ def study(tmp_path_factory) -> Path:
                                                 "policy": {"policy": "youden", "target": None}}))
     pd.DataFrame([{"arm": "lcnet_050", "seed": 0, "val_auroc": 0.9, "threshold": 0.5, "checkpoint": relative}]).to_csv(
         root / "final.csv", index=False)
-    pd.DataFrame([{"arm": "lcnet_050", **metrics}]).to_csv(root / "summary.csv", index=False)
+    pd.DataFrame([{"arm": "lcnet_050", "seeds": 1, **metrics}]).to_csv(root / "summary.csv", index=False)
+    (root / "report").mkdir()
+    for name, content in model_card.files(Study(str(root))).items():  # as the report step writes it
+        (root / "report" / name).write_bytes(content)
     images = root / "images"
     images.mkdir()
     for it in synthetic.listing(8, seed=3):
@@ -255,6 +259,28 @@ def test_health_and_model_metadata_hold_no_paths_or_internals(server, study):
     prediction = post(f"{server}/v1/predict", path.read_bytes()).text
     for text in (r.text, prediction):
         assert str(study) not in text and "study_dir" not in text and str(Path.home()) not in text
+
+
+def test_model_card_is_linked_and_served_as_json_or_markdown(served, study):
+    """GET /v1/model links the card; the card is the study's report/model_card.json (Markdown on
+    Accept: text/markdown); a bare checkpoint has none: a 404 that says why, and a null link."""
+    info = requests.get(f"{served.url}/v1/model", timeout=30).json()
+    assert info["model_card"] == "/v1/model/card"
+    card = requests.get(f"{served.url}{info['model_card']}", timeout=30)
+    assert card.status_code == 200 and card.headers["content-type"].startswith("application/json")
+    assert card.json() == json.loads((study / "report" / "model_card.json").read_text())
+    assert card.json()["model"]["checkpoint"] == "runs/t0/checkpoint_0" and "not a medical device" in card.text.lower()
+    md = requests.get(f"{served.url}/v1/model/card", headers={"Accept": "text/markdown"}, timeout=30)
+    assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
+    assert md.text == (study / "report" / "model_card.md").read_text() and md.text.startswith("# Model card")
+    bare = requests.get(f"{served.strict}/v1/model", timeout=30).json()
+    assert bare["model_card"] is None
+    assert_error(requests.get(f"{served.strict}/v1/model/card", timeout=30), 404, words="checkpoint, not a study")
+    spec = requests.get(f"{served.url}/openapi.json", timeout=30).json()
+    responses = spec["paths"]["/v1/model/card"]["get"]["responses"]
+    assert set(responses["200"]["content"]) == {"application/json", "text/markdown"}
+    assert responses["200"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ModelCard"
+    assert "404" in responses
 
 
 # ----------------------------------------------------------------------------- bad input: one 4xx each
