@@ -58,7 +58,7 @@ def platt(row) -> tuple[float, float] | None:
 
 
 def synthetic_images(root: Path, n: int) -> np.ndarray:
-    source = data.list_source("synthetic", synthetic_images=n, synthetic_seed=5, synthetic_shift=1.0)
+    source = data.list_source("synthetic", synthetic=synthetic.SyntheticSet(images=n, seed=5, shift=1.0))
     return data.build_cache(source, SIZE, root, progress=False).images
 
 
