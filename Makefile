@@ -17,7 +17,7 @@ demo: install
 	$(BIN)/cxr-ray study run studies/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 bench: install
 	$(BIN)/python benchmarks/bench_engines.py
