@@ -361,6 +361,7 @@ def cost_pareto(points: pd.DataFrame, y_label: str):
             log_x(ax, shown[column].tolist())
         else:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="0.4")
+            ax.set_xticks([])
         ax.set_xlabel(label)
         ax.grid(alpha=0.25)
         ax.margins(x=0.3)
