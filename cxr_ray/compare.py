@@ -82,20 +82,20 @@ def held_out_sets(s: Study) -> dict[str, pd.DataFrame]:
     """Set name -> the served model's scores on it: key, label, patient, probability, threshold; the
     test split first, then each external set (only images the study scored: byte-identical copies of
     its own images are not external and were left out)."""
-    best = s.best
-    out = {}
-    sets = [("test", s.predictions, s.split[s.split["split"] == "test"] if s.split is not None else None,
-             {"source": s.spec.data.source, "seed": 0, "shift": 0.0})]
+    sets = [("test", s.predictions, "split.csv", {"source": s.spec.data.source, "seed": 0, "shift": 0.0})]
     for name, ext in s.externals.items():
         src = (ext.audit or {}).get("set", {})
-        index = s._csv(f"external/{name}/index.csv")
-        sets.append((name, ext.predictions, index, {"source": src.get("source"), "seed": src.get("synthetic_seed"),
-                                                    "shift": src.get("synthetic_shift") or 0.0}))
-    for name, predictions, index, described in sets:
-        if predictions is None or index is None or predictions.empty:
+        sets.append((name, ext.predictions, f"external/{name}/index.csv",
+                     {"source": src.get("source"), "seed": src.get("synthetic_seed"),
+                      "shift": src.get("synthetic_shift") or 0.0}))
+    out = {}
+    for name, predictions, listing, described in sets:
+        uri = storage.join(s.dir, listing)
+        if predictions is None or predictions.empty or not storage.exists(uri):
             continue
-        mine = predictions[(predictions["arm"] == best["arm"]) & (predictions["seed"] == best["seed"])]
-        keys = dict(zip(index["item"].astype(str), content_keys(index, described)))
+        index = storage.read_csv(uri, dtype={"item": str, "sha1": str})
+        keys = dict(zip(index["item"], content_keys(index, described)))
+        mine = predictions[(predictions["arm"] == s.best["arm"]) & (predictions["seed"] == s.best["seed"])]
         scored = mine.assign(key=mine["item"].astype(str).map(keys)).dropna(subset=["key"])
         out[name] = scored.drop_duplicates("key")[["key", "label", "patient", "probability", "threshold"]]
     return out
@@ -172,11 +172,18 @@ def winner_sentence(r, n_bootstrap: int) -> str:
     return f"Study {r.study}'s winner cannot be told apart from {r.versus}'s on {r.set}: {numbers}."
 
 
-NO_COMMON_IMAGES = ("No common images: the studies share no held-out image (no test split and no external set "
-                    "holds the same images by content), so their winners cannot be compared on the same images. "
-                    "The metrics below come from different images: a difference between them is not a test. "
-                    "Name the same external set in both (external: in the spec, or cxr-ray evaluate DIR "
-                    "--external NAME=PATH) to compare them.")
+def no_common_images(study: str, versus: str) -> str:
+    return (f"No common images: {study} and {versus} share no held-out image (no test split and no external set "
+            f"holds the same images by content), so their winners cannot be compared on the same images, and a "
+            f"difference between their metrics below is not a test. Name the same external set in both "
+            f"(external: in the spec, or cxr-ray evaluate DIR --external NAME=PATH) to compare them.")
+
+
+def verdict_sentences(table: pd.DataFrame, names: list[str], n_bootstrap: int) -> list[str]:
+    """One sentence per paired comparison, and one per study that shares no held-out image with the first."""
+    tested = set(table["study"]) if len(table) else set()
+    return ([winner_sentence(r, n_bootstrap) for r in table.itertuples()]
+            + [no_common_images(n, names[0]) for n in names[1:] if n not in tested])
 
 
 # ----------------------------------------------------------------------------- specs
@@ -294,8 +301,8 @@ def cost_table(studies: list[Study], names: list[str], measure: bool) -> tuple[p
         if summary is None:
             continue
         budget = s.budget.set_index("arm") if s.budget is not None and not s.budget.empty else None
+        accel = next((c for c in ("gpu_seconds", "cpu_seconds") if budget is not None and c in budget), None)
         for r in summary.itertuples():
-            accel = next((c for c in ("gpu_seconds", "cpu_seconds") if budget is not None and c in budget), None)
             speed, why = inference_speed(s, r.arm) if measure else (float("nan"), "--no-speed")
             rows.append({"study": n, "arm": r.arm, "auroc": r.auroc, "auroc_ci_low": r.auroc_ci_low,
                          "auroc_ci_high": r.auroc_ci_high,
@@ -356,16 +363,14 @@ def build(studies: list[Study], measure: bool = True) -> tuple[str, list[tuple[s
     inventory, table = winners(studies, names)
 
     def verdict() -> list[Block]:
-        if not len(table):
-            blocks = [Block("warn", NO_COMMON_IMAGES)]
-        else:
-            blocks = [Block("text", " ".join(winner_sentence(r, n_boot) for r in table.itertuples())),
-                      Block("text", f"Paired patient bootstrap ({n_boot} resamples, seed {studies[0].spec.seed}, "
+        said = verdict_sentences(table, names, n_boot)
+        blocks = [Block("warn" if t.startswith("No common images") else "text", t) for t in said]
+        if len(table):
+            blocks.append(Block("text", f"Paired patient bootstrap ({n_boot} resamples, seed {studies[0].spec.seed}, "
                                         f"the first study's) of the AUROC difference, Holm-adjusted over "
                                         f"{len(table)} comparison(s), alpha {evaluation.ALPHA}; each winner is the "
-                                        f"model its study serves (best.json), at its own image size.")]
-        blocks += [Block("text", f"{n}: {s.best.get('verdict', '')}") for n, s in zip(names, studies)]
-        return blocks
+                                        f"model its study serves (best.json), at its own image size."))
+        return blocks + [Block("text", f"{n}: {s.best.get('verdict', '')}") for n, s in zip(names, studies)]
 
     def same_images() -> list[Block]:
         blocks = [Block("table", "The images each study held out and its served model scored: the test split and "
@@ -373,7 +378,7 @@ def build(studies: list[Study], measure: bool = True) -> tuple[str, list[tuple[s
                                  "fingerprint of their content; equal fingerprints, the same images.", "held_out",
                         inventory)]
         if not len(table):
-            return blocks + [Block("warn", NO_COMMON_IMAGES)]
+            return blocks + [Block("warn", no_common_images(" and ".join(names[1:]), names[0]))]
         shown = table.assign(auroc_a=[f"{a:.3f} ({lo:.3f}-{hi:.3f})" for a, (lo, hi) in zip(table.auroc_a, table.auroc_a_ci)],
                              auroc_b=[f"{b:.3f} ({lo:.3f}-{hi:.3f})" for b, (lo, hi) in zip(table.auroc_b, table.auroc_b_ci)])
         shown = shown.drop(columns=["auroc_a_ci", "auroc_b_ci"]).rename(columns={"auroc_a": "versus AUROC",
@@ -415,5 +420,4 @@ def write(study_dirs: list[str], out: str | None = None, measure: bool = True) -
         os.rename(scratch, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    said = [winner_sentence(r, studies[0].spec.final.bootstrap) for r in table.itertuples()] or [NO_COMMON_IMAGES]
-    return os.path.join(out, "index.html"), table, said
+    return os.path.join(out, "index.html"), table, verdict_sentences(table, labels(studies), studies[0].spec.final.bootstrap)

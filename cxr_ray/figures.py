@@ -358,6 +358,7 @@ def cost_pareto(points: pd.DataFrame, y_label: str):
             front = shown[pareto_front(shown[column].to_numpy(float), shown["auroc"].to_numpy(float))]
             front = front.sort_values(column)
             ax.plot(front[column], front["auroc"], ls="--", color="0.3", lw=1, drawstyle="steps-post", zorder=1)
+            ax.scatter(front[column], front["auroc"], s=160, facecolors="none", edgecolors="0.3", zorder=1)
             log_x(ax, shown[column].tolist())
         else:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="0.4")
@@ -368,7 +369,7 @@ def cost_pareto(points: pd.DataFrame, y_label: str):
     axes[0, 0].set_ylabel(f"{y_label} (mean, 95% CI)")
     axes[0, 0].legend(handles=[Line2D([], [], marker="o", ls="", color=OKABE_ITO[i % len(OKABE_ITO)], label=s)
                                for i, s in enumerate(studies)]
-                      + [Line2D([], [], ls="--", color="0.3", label="Pareto front")], fontsize=8, loc="lower right")
+                      + [Line2D([], [], ls="--", marker="o", mfc="none", ms=11, color="0.3", label="Pareto front")], fontsize=8, loc="lower right")
     return fig, (f"{sentence(y_label)} of every arm of every study against what it cost: search compute-seconds "
                  f"(budget.csv), parameter count, and inference time per image. Points on the dashed Pareto front are "
                  f"beaten by no other point (none is as cheap and at least as good); an axis spanning more than a "

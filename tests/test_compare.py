@@ -142,6 +142,11 @@ def sha1_keys(sdir: Path, name: str) -> dict:
     return dict(zip(index["item"], index["sha1"]))
 
 
+def item_keys(sdir: Path, name: str) -> dict:
+    index = pd.read_csv(sdir / "external" / name / "index.csv")
+    return dict(zip(index["item"], index["item"]))
+
+
 def test_the_page_has_every_section_and_the_verdict(page):
     index, table, said = page
     html, md = index.read_text(), (index.parent / "report.md").read_text()
@@ -208,7 +213,7 @@ def test_tuning_spread_per_arm(page, studies):
 def test_no_common_images_is_said_not_tested(studies, tmp_path, capsys):
     cli.main(["compare", str(studies["a"]), str(studies["apart"]), "--out", str(tmp_path / "out"), "--no-speed"])
     printed = capsys.readouterr().out
-    assert printed.startswith(compare.NO_COMMON_IMAGES)
+    assert printed.startswith(compare.no_common_images("apart", "a"))
     html = (tmp_path / "out" / "index.html").read_text()
     assert "No common images" in html and not (tmp_path / "out" / "winners.csv").exists()
 
@@ -235,3 +240,90 @@ def test_bad_input_is_one_line_and_exit_2(case, studies, tmp_path, capsys):
     assert {"one": "two or more finished studies", "twice": "given twice", "not_a_study": "not a study directory",
             "unfinished": "no best.json"}[case] in err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- two real studies (e2e)
+
+TINY = """
+name: tiny{size}
+seed: 0
+data: {{source: synthetic, image_size: {size}, synthetic_images: 200}}
+arms: [lcnet_050]
+search_space:
+  lr: {{loguniform: [2e-3, 1e-2]}}
+fixed: {{batch_size: 32}}
+budget: {{samples_per_arm: 2, max_epochs: 2, grace_period: 2}}
+resources: {{workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}}
+final: {{seeds: [0], bootstrap: 200}}
+external:
+  - {{name: othersite, source: synthetic, synthetic_images: 100, synthetic_seed: 5, synthetic_shift: 1.0}}
+"""
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, study_env) -> dict:
+    """Two finished tiny studies at 24 and 32 px (one arm, two configurations, two epochs, one final seed)
+    sharing their synthetic data and an external synthetic site, run one after the other; then compared."""
+    import subprocess
+
+    from conftest import CLI
+    root = tmp_path_factory.mktemp("compare-e2e")
+    dirs = []
+    for size in (24, 32):
+        (root / f"tiny{size}.yaml").write_text(TINY.format(size=size))
+        run = subprocess.run(CLI + ["study", "run", str(root / f"tiny{size}.yaml"), "--out", str(root / f"tiny{size}"),
+                                    "--no-report"], env=study_env, capture_output=True, text=True, timeout=900,
+                             start_new_session=True)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        dirs.append(root / f"tiny{size}")
+    out = root / "page"
+    run = subprocess.run(CLI + ["compare", *map(str, dirs), "--out", str(out)], env=study_env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return {"a": dirs[0], "b": dirs[1], "out": out, "stdout": run.stdout}
+
+
+@pytest.mark.e2e
+def test_real_studies_at_two_sizes_are_paired_on_their_test_split_and_external_set(real):
+    a, b, out = real["a"], real["b"], real["out"]
+    winners = pd.read_csv(out / "winners.csv")
+    assert sorted(winners["set"]) == ["othersite", "test"] and winners["same_fingerprint"].all()
+    assert set(winners["images"]) == {len(pd.read_csv(a / "external" / "othersite" / "index.csv")),
+                                      int((pd.read_csv(a / "split.csv")["split"] == "test").sum())}
+    printed = real["stdout"].splitlines()
+    assert len(printed) == 3 and printed[-1] == f"comparison: {out / 'index.html'}"
+    assert all(re.match(r"Study tiny32's winner .* tiny24's on (test|othersite): AUROC ", line) for line in printed[:2])
+    spec = specs.validate_text((a / "spec.yaml").read_text(), "a")
+    _, numbers = compare.winners(compare.load([str(a), str(b)]), ["tiny24", "tiny32"])  # p-values as numbers
+    check_against_direct(numbers, a, b, {
+        "test": (a / "predictions.csv", b / "predictions.csv", synthetic_keys(a), synthetic_keys(b)),
+        "othersite": (a / "external/othersite/predictions.csv", b / "external/othersite/predictions.csv",
+                      item_keys(a, "othersite"), item_keys(b, "othersite"))}, spec.final.bootstrap, spec.seed)
+    cost = pd.read_csv(out / "cost.csv")
+    assert list(cost["study"]) == ["tiny24", "tiny32"] and (cost["images_per_s"] > 0).all()
+    assert (cost["parameters_millions"] > 0).all() and (cost["search_compute_s"] > 0).all()
+
+
+@pytest.mark.e2e
+def test_the_comparison_renders_in_headless_chromium(real):
+    from conftest import chromium
+    browser_path = chromium()
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_page(viewport={"width": 1280, "height": 2000})
+            fetched = []
+            tab.on("request", lambda r: fetched.append(r.url))
+            tab.goto((real["out"] / "index.html").as_uri(), wait_until="load")
+            widths = tab.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+            headings = tab.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+            tables = tab.evaluate("document.querySelectorAll('table').length")
+        finally:
+            browser.close()
+    assert headings == SECTIONS
+    assert len(widths) == 1 and widths[0] > 1000  # the cost figure, inlined
+    assert tables == 7  # spec diff, held-out sets, winners, two arm tables, cost, tuning
+    assert all(u.startswith(("file:", "data:")) for u in fetched), fetched
