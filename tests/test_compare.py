@@ -227,6 +227,19 @@ def test_images_whose_labels_disagree_are_left_out():
     assert found["auroc_a"] == metrics.auroc([0, 0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8, 0.7])
 
 
+def test_different_positive_classes_are_allowed_and_stated(studies, tmp_path):
+    """A study of a manifest whose positive label value is another word: compared, with a red warning."""
+    other = Path(shutil.copytree(studies["b"], tmp_path / "manifest"))
+    raw = yaml.safe_load((other / "spec.yaml").read_text())
+    raw["data"] |= {"source": "manifest", "path": "/data/other.csv", "positive": ["opacity"], "negative": ["clear"]}
+    (other / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    index, table, _ = compare.write([str(studies["a"]), str(other)], str(tmp_path / "out"), measure=False)
+    html = Path(index).read_text()
+    assert "call different label values positive (a: PNEUMONIA (the source&#x27;s folders or labels); manifest: " \
+           "opacity)" in html
+    assert "data.source" in pd.read_csv(tmp_path / "out" / "spec_diff.csv")["setting"].tolist()
+
+
 @pytest.mark.parametrize("case", ["one", "twice", "not_a_study", "unfinished"])
 def test_bad_input_is_one_line_and_exit_2(case, studies, tmp_path, capsys):
     a = str(studies["a"])
