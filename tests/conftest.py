@@ -1,6 +1,7 @@
 """Shared fixtures: the real data folder (skipped when absent) and a tiny Kaggle-style tree."""
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,3 +438,18 @@ def chromium() -> str:
         if candidate and os.path.exists(candidate):
             return candidate
     needed("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+
+
+@contextlib.contextmanager
+def headless_tab(**page_options):
+    """A tab (``browser.new_page(**page_options)``) in headless Chromium, closed afterwards."""
+    exe = chromium()
+    from playwright.sync_api import sync_playwright
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=args)
+        try:
+            yield browser.new_page(**page_options)
+        finally:
+            browser.close()

@@ -1,15 +1,17 @@
 """`cxr-ray compare`: finished studies side by side and their served winners tested on common images.
 
-Unit tests on fake finished studies (conftest.write_fake_study: the study's own writers, no Ray): one at
+Unit tests on copies of the fake finished study (conftest.write_fake_study: the study's own writers, no Ray): one at
 64 px and one at 96 px whose served model scores otherwise, sharing their test split and an external
 set; a third holding no image of the first. The paired test is checked against a direct computation
-(a loop over patient resamples) on the same probabilities. The e2e module test_compare_e2e.py runs
-two real tiny studies and renders the page in headless Chromium.
+(a loop over patient resamples) on the same probabilities. The e2e tests (marked e2e) run two real
+tiny studies at 24 and 32 px sharing their data and an external site, and render the page in headless
+Chromium.
 """
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from html import escape as html_escape
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import write_fake_study
+from conftest import CLI, headless_tab
 from cxr_ray import cli, compare, evaluation, metrics, spec as specs
 
 SECTIONS = ["Verdict", "What differs", "Winners on the same images", "Arm by arm", "Cost", "What tuning bought"]
@@ -61,11 +63,11 @@ def set_image_size(sdir: Path, size: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def studies(tmp_path_factory) -> dict[str, Path]:
+def studies(fake_study_dir, tmp_path_factory) -> dict[str, Path]:
     """a: the fake study with an external set; b: at 96 px, another served model, the same held-out images;
     apart: a study none of whose images a holds."""
     root = tmp_path_factory.mktemp("compare")
-    a = write_fake_study(root / "a")
+    a = Path(shutil.copytree(fake_study_dir, root / "a", ignore=shutil.ignore_patterns("report")))
     add_external_set(a, SITE)
     b = Path(shutil.copytree(a, root / "b"))
     set_image_size(b, 96)
@@ -271,17 +273,12 @@ final: {{seeds: [0], bootstrap: 200}}
 external:
   - {{name: othersite, source: synthetic, synthetic_images: 100, synthetic_seed: 5, synthetic_shift: 1.0}}
 """
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, study_env) -> dict:
     """Two finished tiny studies at 24 and 32 px (one arm, two configurations, two epochs, one final seed)
     sharing their synthetic data and an external synthetic site, run one after the other; then compared."""
-    import subprocess
-
-    from conftest import CLI
     root = tmp_path_factory.mktemp("compare-e2e")
     dirs = []
     for size in (24, 32):
@@ -321,21 +318,13 @@ def test_real_studies_at_two_sizes_are_paired_on_their_test_split_and_external_s
 
 @pytest.mark.e2e
 def test_the_comparison_renders_in_headless_chromium(real):
-    from conftest import chromium
-    browser_path = chromium()
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=CHROMIUM_ARGS)
-        try:
-            tab = browser.new_page(viewport={"width": 1280, "height": 2000})
-            fetched = []
-            tab.on("request", lambda r: fetched.append(r.url))
-            tab.goto((real["out"] / "index.html").as_uri(), wait_until="load")
-            widths = tab.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
-            headings = tab.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
-            tables = tab.evaluate("document.querySelectorAll('table').length")
-        finally:
-            browser.close()
+    with headless_tab(viewport={"width": 1280, "height": 2000}) as tab:
+        fetched = []
+        tab.on("request", lambda r: fetched.append(r.url))
+        tab.goto((real["out"] / "index.html").as_uri(), wait_until="load")
+        widths = tab.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        headings = tab.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+        tables = tab.evaluate("document.querySelectorAll('table').length")
     assert headings == SECTIONS
     assert len(widths) == 1 and widths[0] > 1000  # the cost figure, inlined
     assert tables == 7  # spec diff, held-out sets, winners, two arm tables, cost, tuning
