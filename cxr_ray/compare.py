@@ -47,8 +47,9 @@ class CompareError(CxrError, ValueError):
 def load(study_dirs: list[str]) -> list[Study]:
     """The finished studies, each read once; a one-line CompareError (or NotAStudy) otherwise."""
     if len(study_dirs) < 2:
-        raise CompareError(f"compare needs two or more finished studies, got one ({study_dirs[0] if study_dirs else 'none'}); "
-                           "for one study, read its report (cxr-ray report DIR)")
+        given = study_dirs[0] if study_dirs else "none"
+        raise CompareError(f"compare needs two or more finished studies, got one ({given}); for one study, read its "
+                           "report (cxr-ray report DIR)")
     sdirs = [finished_study(d) for d in study_dirs]
     repeated = sorted({d for d in sdirs if sdirs.count(d) > 1})
     if repeated:
@@ -152,7 +153,8 @@ def winners(studies: list[Study], names: list[str]) -> tuple[pd.DataFrame, pd.Da
                 if found is None:
                     continue
                 where = name_a if name_a == name_b else f"{names[0]} {name_a} = {n} {name_b}"
-                rows.append({"set": where, "study": n, "versus": names[0], "winner": f"{s.best['arm']} seed {s.best['seed']}",
+                rows.append({"set": where, "study": n, "versus": names[0],
+                             "winner": f"{s.best['arm']} seed {s.best['seed']}",
                              "versus_winner": f"{studies[0].best['arm']} seed {studies[0].best['seed']}",
                              "same_fingerprint": fingerprint(a["key"]) == fingerprint(b["key"]), **found})
     table = pd.DataFrame(rows)
@@ -164,11 +166,14 @@ def winners(studies: list[Study], names: list[str]) -> tuple[pd.DataFrame, pd.Da
 
 def winner_sentence(r, n_bootstrap: int) -> str:
     """One paired comparison in words."""
-    numbers = (f"AUROC {r.auroc_b:.3f} vs {r.auroc_a:.3f}, difference {r.delta_auroc:+.3f} (95% CI {r.delta_ci_low:+.3f} "
-               f"to {r.delta_ci_high:+.3f}, Holm-adjusted {evaluation.p_text(r.p_holm, n_bootstrap)}; DeLong p = "
-               f"{r.p_delong:.2g}) on {r.images} common images of {r.patients} patients")
+    numbers = (f"AUROC {r.auroc_b:.3f} vs {r.auroc_a:.3f}, difference {r.delta_auroc:+.3f} (95% CI "
+               f"{r.delta_ci_low:+.3f} to {r.delta_ci_high:+.3f}, Holm-adjusted "
+               f"{evaluation.p_text(r.p_holm, n_bootstrap)}; DeLong p = {r.p_delong:.2g}) on {r.images} common "
+               f"images of {r.patients} patients"
+               + (f", {r.labels_disagree} whose labels disagree left out" if r.labels_disagree else ""))
     if r.significant:
-        return f"Study {r.study}'s winner is {'better' if r.delta_auroc > 0 else 'worse'} than {r.versus}'s on {r.set}: {numbers}."
+        better = "better" if r.delta_auroc > 0 else "worse"
+        return f"Study {r.study}'s winner is {better} than {r.versus}'s on {r.set}: {numbers}."
     return f"Study {r.study}'s winner cannot be told apart from {r.versus}'s on {r.set}: {numbers}."
 
 
@@ -202,8 +207,8 @@ def spec_diff(studies: list[Study], names: list[str]) -> tuple[pd.DataFrame, int
     specs = [flat(s.spec.raw) for s in studies]
     keys = list(dict.fromkeys(k for f in specs for k in f))
     differ = [k for k in keys if len({f.get(k) for f in specs}) > 1]
-    table = pd.DataFrame([{"section": k.split(".")[0], "setting": k, **{n: f.get(k, "–") for n, f in zip(names, specs)}}
-                          for k in differ])
+    table = pd.DataFrame([{"section": k.split(".")[0], "setting": k,
+                           **{n: f.get(k, "–") for n, f in zip(names, specs)}} for k in differ])
     return table, len(keys) - len(differ)
 
 
@@ -255,8 +260,9 @@ def arm_tables(studies: list[Study], names: list[str]) -> list[Block]:
                     row[f"{n} {report.METRIC_NAMES.get(m, m)}{served if m == 'auroc' else ''}"] = \
                         evaluation.ci_text(r, m) if r is not None else "–"
             rows.append(row)
-        what = "the internal test split (summary.csv)" if where == "test" else \
-            f"the external set named {where} (external/{where}/summary.csv; by name: the common images are tested below)"
+        what = ("the internal test split (summary.csv)" if where == "test" else
+                f"the external set named {where} (external/{where}/summary.csv; by name: the common images are "
+                f"tested below)")
         blocks.append(Block("table", f"Each arm on {what}: mean over final seeds at each run's validation-chosen "
                                      f"threshold, 95% patient-bootstrap CI in brackets; – where a study has no such "
                                      f"arm or set.", f"arms_{where}", pd.DataFrame(rows)))
@@ -379,8 +385,8 @@ def build(studies: list[Study], measure: bool = True) -> tuple[str, list[tuple[s
                         inventory)]
         if not len(table):
             return blocks + [Block("warn", no_common_images(" and ".join(names[1:]), names[0]))]
-        shown = table.assign(auroc_a=[f"{a:.3f} ({lo:.3f}-{hi:.3f})" for a, (lo, hi) in zip(table.auroc_a, table.auroc_a_ci)],
-                             auroc_b=[f"{b:.3f} ({lo:.3f}-{hi:.3f})" for b, (lo, hi) in zip(table.auroc_b, table.auroc_b_ci)])
+        shown = table.assign(**{c: [f"{v:.3f} ({lo:.3f}-{hi:.3f})" for v, (lo, hi) in zip(table[c], table[f"{c}_ci"])]
+                                for c in ("auroc_a", "auroc_b")})
         shown = shown.drop(columns=["auroc_a_ci", "auroc_b_ci"]).rename(columns={"auroc_a": "versus AUROC",
                                                                                  "auroc_b": "study AUROC",
                                                                                  "accuracy_a": "versus accuracy",
@@ -395,10 +401,10 @@ def build(studies: list[Study], measure: bool = True) -> tuple[str, list[tuple[s
                 ("Winners on the same images", same_images), ("Arm by arm", lambda: arm_tables(studies, names)),
                 ("Cost", lambda: cost_blocks(studies, names, measure)),
                 ("What tuning bought", lambda: [Block(
-                    "table", "Validation AUROC over each arm's search configurations (trials.csv: each trial's last "
-                             "epoch, so a trial ASHA stopped early counts with what it had reached). A wide spread says "
-                             "much of the arm's result is its tuning; the final test AUROC is the retrained best "
-                             "configuration's.", "tuning", tuning_spread(studies, names))])]
+                    "table", "Validation AUROC over each arm's search configurations (trials.csv: each trial's "
+                             "last epoch, so a trial ASHA stopped early counts with what it had reached). A wide "
+                             "spread says much of the arm's result is its tuning; the final test AUROC is the "
+                             "retrained best configuration's.", "tuning", tuning_spread(studies, names))])]
     title = "Studies compared: " + " vs ".join(names)
     return title, [(t, guarded(t, f)) for t, f in sections], table
 
@@ -420,4 +426,5 @@ def write(study_dirs: list[str], out: str | None = None, measure: bool = True) -
         os.rename(scratch, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return os.path.join(out, "index.html"), table, verdict_sentences(table, labels(studies), studies[0].spec.final.bootstrap)
+    said = verdict_sentences(table, labels(studies), studies[0].spec.final.bootstrap)
+    return os.path.join(out, "index.html"), table, said

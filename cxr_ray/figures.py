@@ -369,7 +369,8 @@ def cost_pareto(points: pd.DataFrame, y_label: str):
     axes[0, 0].set_ylabel(f"{y_label} (mean, 95% CI)")
     axes[0, 0].legend(handles=[Line2D([], [], marker="o", ls="", color=OKABE_ITO[i % len(OKABE_ITO)], label=s)
                                for i, s in enumerate(studies)]
-                      + [Line2D([], [], ls="--", marker="o", mfc="none", ms=11, color="0.3", label="Pareto front")], fontsize=8, loc="lower right")
+                      + [Line2D([], [], ls="--", marker="o", mfc="none", ms=11, color="0.3", label="Pareto front")],
+                      fontsize=8, loc="lower right")
     return fig, (f"{sentence(y_label)} of every arm of every study against what it cost: search compute-seconds "
                  f"(budget.csv), parameter count, and inference time per image. Points on the dashed Pareto front are "
                  f"beaten by no other point (none is as cheap and at least as good); an axis spanning more than a "

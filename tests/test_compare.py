@@ -178,7 +178,8 @@ def test_the_spec_diff_names_the_image_sizes(page):
 
 def test_arms_side_by_side_with_cis_on_test_and_the_external_set(page, studies):
     index, _, _ = page
-    for name, summary in (("test", studies["a"] / "summary.csv"), (SITE, studies["a"] / "external" / SITE / "summary.csv")):
+    for name, summary in (("test", studies["a"] / "summary.csv"),
+                          (SITE, studies["a"] / "external" / SITE / "summary.csv")):
         table = pd.read_csv(index.parent / f"arms_{name}.csv")
         expected = pd.read_csv(summary).set_index("arm")
         assert set(table["arm"]) == set(expected.index)
@@ -247,7 +248,8 @@ def test_bad_input_is_one_line_and_exit_2(case, studies, tmp_path, capsys):
     a = str(studies["a"])
     if case == "unfinished":
         shutil.copytree(studies["b"], tmp_path / "running", ignore=shutil.ignore_patterns("best.json"))
-    dirs = {"one": [a], "twice": [a, a], "not_a_study": [a, str(tmp_path)], "unfinished": [a, str(tmp_path / "running")]}
+    dirs = {"one": [a], "twice": [a, a], "not_a_study": [a, str(tmp_path)],
+            "unfinished": [a, str(tmp_path / "running")]}
     with pytest.raises(SystemExit) as exit_:
         cli.main(["compare", *dirs[case], "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
