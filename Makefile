@@ -27,4 +27,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs compare .pytest_cache
