@@ -29,4 +29,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_manifest.py --images 20000
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs compare .pytest_cache

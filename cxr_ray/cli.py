@@ -162,6 +162,14 @@ def cmd_report(args) -> None:
     print(report.write(args.dir))
 
 
+def cmd_compare(args) -> None:
+    from . import compare
+    page, _, said = compare.write(args.dirs, args.out, measure=not args.no_speed)
+    for sentence in said:
+        print(sentence)
+    print(f"comparison: {page}")
+
+
 def cmd_track(args) -> None:
     from . import tracking
     print(f"MLflow: {tracking.track(args.dir, args.mlflow, args.experiment)}")
@@ -302,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="MLflow experiment for a study new to this server (default "
                    "$MLFLOW_EXPERIMENT_NAME, else cxr-ray)")
     p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser("compare", help="compare finished studies: spec differences, metrics side by side, their "
+                                       "winners tested on the images they share, cost")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="two or more finished study directories (the first is the "
+                                                          "reference the others are tested against)")
+    p.add_argument("--out", help="output directory (default compare/<a>-vs-<b>)")
+    p.add_argument("--no-speed", action="store_true", help="do not measure inference speed (imports no torch)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="write DIR/report/index.html and report.md")
     p.add_argument("dir")

@@ -328,3 +328,50 @@ DRAWINGS = [("learning_curves", "Learning curves", learning_curves),
             ("cost", "Accuracy versus cost", auroc_vs_cost),
             ("sensitivity", "Hyperparameter sensitivity", hyperparameter_sensitivity),
             ("calibration", "Calibration of the best model", reliability_diagram)]
+
+
+def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Which points no other point beats: as cheap or cheaper and at least as good, better in one."""
+    return np.array([not np.any((cost <= c) & (value >= v) & ((cost < c) | (value > v))) for c, v in zip(cost, value)],
+                    dtype=bool)
+
+
+def cost_pareto(points: pd.DataFrame, y_label: str):
+    """``cxr-ray compare``'s cost figure: each (study, arm) point's AUROC (``auroc`` with its CI) against
+    search compute-seconds, parameters and inference time per image; the Pareto front of each panel
+    dashed. One colour per study (``study`` column, in order)."""
+    studies = list(dict.fromkeys(points["study"]))
+    panels = [("search_compute_s", f"search compute ({'/'.join(sorted(set(points['compute'])))}-seconds)"),
+              ("parameters_millions", "parameters (millions)"),
+              ("ms_per_image", "inference (ms per image, measured here)")]
+    points = points.assign(ms_per_image=1000 / points["images_per_s"])
+    fig, axes = new_figure(14, 4.2, 1, 3, sharey=True)
+    for ax, (column, label) in zip(axes[0], panels):
+        shown = points[points[column].notna() & (points[column] > 0)]
+        for r in shown.itertuples():
+            c = OKABE_ITO[studies.index(r.study) % len(OKABE_ITO)]
+            ax.errorbar(getattr(r, column), r.auroc, yerr=[[r.auroc - r.auroc_ci_low], [r.auroc_ci_high - r.auroc]],
+                        fmt="o", ms=7, color=c, capsize=4)
+            ax.annotate(f"{r.study}: {r.arm}", (getattr(r, column), r.auroc), xytext=(6, 4), textcoords="offset points",
+                        fontsize=7)
+        if len(shown):
+            front = shown[pareto_front(shown[column].to_numpy(float), shown["auroc"].to_numpy(float))]
+            front = front.sort_values(column)
+            ax.plot(front[column], front["auroc"], ls="--", color="0.3", lw=1, drawstyle="steps-post", zorder=1)
+            ax.scatter(front[column], front["auroc"], s=160, facecolors="none", edgecolors="0.3", zorder=1)
+            log_x(ax, shown[column].tolist())
+        else:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="0.4")
+            ax.set_xticks([])
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.25)
+        ax.margins(x=0.3)
+    axes[0, 0].set_ylabel(f"{y_label} (mean, 95% CI)")
+    axes[0, 0].legend(handles=[Line2D([], [], marker="o", ls="", color=OKABE_ITO[i % len(OKABE_ITO)], label=s)
+                               for i, s in enumerate(studies)]
+                      + [Line2D([], [], ls="--", marker="o", mfc="none", ms=11, color="0.3", label="Pareto front")],
+                      fontsize=8, loc="lower right")
+    return fig, (f"{sentence(y_label)} of every arm of every study against what it cost: search compute-seconds "
+                 f"(budget.csv), parameter count, and inference time per image. Points on the dashed Pareto front are "
+                 f"beaten by no other point (none is as cheap and at least as good); an axis spanning more than a "
+                 f"decade is logarithmic. Up and to the left is better.")

@@ -587,13 +587,8 @@ def build(sdir: str) -> tuple[str, list[tuple[str, list[Block]]]]:
     return f"Study report: {s.spec.name}", [(title, guarded(title, lambda f=f: f(s))) for title, f in sections]
 
 
-def write(study_dir: str) -> str:
-    """Write DIR/report/ (index.html, report.md, every figure as PNG and table as CSV) and return
-    the path (or URI) of index.html. Locally the files are assembled in a scratch directory and
-    swapped in, so a report is replaced whole and no figure of an earlier run survives; a remote
-    study gets its files uploaded under DIR/report/."""
-    sdir = storage.normalize(study_dir)
-    title, sections = build(sdir)
+def page_files(title: str, sections: list[tuple[str, list[Block]]]) -> dict[str, bytes]:
+    """A page's files by name: index.html, report.md, every figure as PNG and every table as CSV."""
     files = {"index.html": render_html(title, sections).encode(),
              "report.md": render_markdown(title, sections).encode()}
     for _, blocks in sections:
@@ -602,6 +597,16 @@ def write(study_dir: str) -> str:
                 files[f"{b.name}.png"] = b.png
             elif b.kind == "table":
                 files[f"{b.name}.csv"] = b.df.to_csv(index=False).encode()
+    return files
+
+
+def write(study_dir: str) -> str:
+    """Write DIR/report/ (index.html, report.md, every figure as PNG and table as CSV) and return
+    the path (or URI) of index.html. Locally the files are assembled in a scratch directory and
+    swapped in, so a report is replaced whole and no figure of an earlier run survives; a remote
+    study gets its files uploaded under DIR/report/."""
+    sdir = storage.normalize(study_dir)
+    files = page_files(*build(sdir))
     try:
         files |= model_card.files(Study(sdir))
     except Exception:  # noqa: BLE001 - no model chosen yet, or unreadable: the Model card section says why

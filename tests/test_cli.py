@@ -76,7 +76,7 @@ def test_every_command_refuses_a_non_study_in_the_same_words(capsys, tmp_path):
     here = str(tmp_path)
     for argv in (["study", "status", here], ["study", "resume", here], ["report", here],
                  ["serve", here, "--port", free_port()], ["evaluate", here, "--external", "x=/nowhere"],
-                 ["calibrate", here, "--name", "x", "--path", "/nowhere"]):
+                 ["calibrate", here, "--name", "x", "--path", "/nowhere"], ["compare", here, here]):
         code, _, err = run(capsys, *argv)
         assert code == 2 and err == f"error: {here}: not a study directory (no spec.yaml)\n", (argv, err)
 
