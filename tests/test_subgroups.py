@@ -248,3 +248,29 @@ def test_report_subgroup_section_renders_in_headless_chromium(rendered):
     assert rows > 20
     with Image.open(rendered / "subgroups_forest.png") as im:
         assert im.width == forest[0]
+
+
+TYPO_SPEC = """
+name: typo
+data: {source: synthetic, image_size: 32, synthetic_images: 40}
+arms: [lcnet_050]
+search_space: {lr: {choice: [0.001]}}
+budget: {samples_per_arm: 1, max_epochs: 1}
+external:
+  - {name: othersite, source: synthetic, synthetic_images: 20, synthetic_seed: 5}
+subgroups: [sex, veiw]
+"""
+
+
+@pytest.mark.e2e  # the study command itself (imports torch and Ray; no Ray started, nothing trained)
+def test_a_misspelt_subgroup_column_stops_the_study_before_training(capsys, tmp_path):
+    """The study prepares its data, finds that no set records the column, and exits 2 with a one-line
+    error before Ray starts or anything trains; the prepared data stays."""
+    from cxr_ray import cli
+    (tmp_path / "typo.yaml").write_text(TYPO_SPEC)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["study", "run", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "study")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the decoding progress
+    assert stopped.value.code == 2 and "no set records a column 'veiw'" in error
+    assert "record: age, sex, site, view" in error
+    assert (tmp_path / "study" / "split.csv").exists() and not (tmp_path / "study" / "search").exists()
