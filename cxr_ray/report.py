@@ -205,8 +205,8 @@ def subgroup_sets(s: Study, which: int) -> dict[str, pd.DataFrame]:
     """Each scored set's subgroups.csv (``which`` 0) or subgroup_comparison.csv (1): test first."""
     found = {"test": (s.subgroups, s.subgroup_comparison),
              **{name: (e.subgroups, e.subgroup_comparison) for name, e in s.externals.items()}}
-    return {name: pair[which].assign(level=pair[which]["level"].fillna("").astype(str))
-            for name, pair in found.items() if pair[which] is not None and len(pair[which])}
+    return {name: subgroups.as_read(pair[which]) for name, pair in found.items()
+            if pair[which] is not None and len(pair[which])}
 
 
 def served_arm(s: Study) -> str:

@@ -409,6 +409,8 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
         "engine": spec.engine, "phases": phases,
         "command": " ".join(sys.argv), "ray_resources": ray.cluster_resources(),
     })
+    if spec.subgroups:
+        verdicts.append(subgroups.study_sentence(sdir, outcome["best"]["arm"]))
     print("\n" + "\n".join(verdicts), flush=True)
     if report:
         from . import report as reporting

@@ -242,6 +242,20 @@ def verdict_sentence(tables: dict[str, pd.DataFrame], arm: str) -> str:
     return f"Subgroups where a 95% CI of {arm} lies wholly below its estimate on the whole set: " + "; ".join(low) + "."
 
 
+def as_read(table: pd.DataFrame) -> pd.DataFrame:
+    """A subgroups file as read back from CSV, with its levels as text again (a blank level reads as NaN)."""
+    return table.assign(level=table["level"].fillna("").astype(str))
+
+
+def study_sentence(sdir: str, arm: str) -> str:
+    """``verdict_sentence`` over every subgroups.csv a study wrote (test, then each external set)."""
+    found = {"test": storage.join(sdir, TABLE)}
+    found |= {name: storage.join(sdir, "external", name, TABLE)
+              for name in storage.listdir(storage.join(sdir, "external"))}
+    return verdict_sentence({name: as_read(storage.read_csv(uri)) for name, uri in found.items()
+                             if storage.exists(uri)}, arm)
+
+
 def readable(table: pd.DataFrame) -> pd.DataFrame:
     """subgroups.csv as the report shows it: one row per subgroup and arm, each metric with its CI."""
     shown = table[table["status"] != NOT_RECORDED]

@@ -207,6 +207,8 @@ def test_evaluation_writes_each_sets_subgroup_files(study):
     assert set(ext["set"]) == {"othersite"}
     assert set(ext.loc[ext["column"] == "age_band", "status"]) == {"not recorded"}
     assert (study / "external" / "othersite" / "subgroup_comparison.csv").exists()
+    said = subgroups.study_sentence(str(study), "densenet")  # the study's last console lines
+    assert "othersite: view AP: AUROC" in said
 
 
 @pytest.fixture(scope="module")
