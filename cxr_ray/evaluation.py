@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import metrics, storage
+from . import metrics, storage, subgroups
 from .data import Prepared
 from .errors import CxrError
 from .spec import Spec
@@ -268,6 +268,7 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
                          "platt": ens[best_arm].platt}}
     verdict = " ".join([verdict_text(summary, comparison, spec.final.bootstrap)] + caveats(spec, summary))
     storage.write_json(storage.join(sdir, "best.json"), best | {"verdict": verdict})
+    subgroups.write(spec, sdir, "test", index, runs, {k: r.test for k, r in runs.items()}, comparison)
     return {"summary": summary, "comparison": comparison, "best": best, "verdict": verdict, "runs": runs,
             "y_val": y_val}
 
@@ -315,6 +316,7 @@ def evaluate_external(spec: Spec, sdir: str, name: str, index: pd.DataFrame, pro
     text = external_verdict(name, internal["summary"], internal["comparison"], tables["summary"],
                             tables["comparison"], chosen, spec.final.bootstrap)
     storage.write_json(storage.join(out, "verdict.json"), {"name": name, "verdict": text})
+    subgroups.write(spec, out, name, index[keep], runs, mine, tables["comparison"])
     return tables | {"verdict": text}
 
 

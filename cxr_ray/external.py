@@ -66,14 +66,9 @@ def score_checkpoints(spec: specs.Spec, sdir: str, checkpoints: dict, images: np
     images and never imports torch. Here, it runs in this process, on every core."""
     if not os.environ.get("RAY_ADDRESS"):
         return _score_here(sdir, checkpoints, images)
-    import ray
-
     from . import runtime
-    runtime.connect(quiet=True)
-    r = spec.resources
-    task = ray.remote(_score_here).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
-                                           resources=r.worker_resources or None)
-    return ray.get(task.remote(sdir, checkpoints, images, max(1, int(r.cpus_per_worker))))
+    return runtime.worker_task(_score_here, spec.resources, sdir, checkpoints, images,
+                               max(1, int(spec.resources.cpus_per_worker)))
 
 
 def saved_probabilities(sdir: str, runs: dict, name: str, images: int) -> dict:

@@ -105,8 +105,7 @@ def attach_grids(s: Study, sets: list[FailureSet]) -> None:
         for fs in todo:
             fs.why_no_grid = f"the served checkpoint ({choice.identity['checkpoint']}) holds no model weights"
         return
-    from .serve_predictor import Predictor  # torch: only when a grid must be drawn
-    predictor = Predictor(choice)
+    tiles = {}
     for fs in todo:
         images, index = data.read_cache(fs.cache)
         row_of = dict(zip(index["item"], range(len(index))))
@@ -114,9 +113,26 @@ def attach_grids(s: Study, sets: list[FailureSet]) -> None:
         if absent:
             fs.why_no_grid = f"{len(absent)} of its images are not in the cache {fs.cache} (e.g. {absent[0]})"
             continue
-        tiles = [np.asarray(images[row_of[i]]) for i in fs.cases["item"]]
-        heat = [predictor.gradcam(t)[0] if predictor.explainable else None for t in tiles]
-        fs.png = grid_png(fs, tiles, heat, s.best["arm"], int(s.best["seed"]))
+        tiles[fs.name] = [np.asarray(images[row_of[i]]) for i in fs.cases["item"]]
+    if not tiles:
+        return
+    if os.environ.get("RAY_ADDRESS"):  # on a cluster, as scoring does: a Ray task loads the model, not this process
+        from . import runtime
+        heat = runtime.worker_task(heatmaps, s.spec.resources, s.dir, tiles)
+    else:
+        heat = heatmaps(s.dir, tiles)
+    for fs in todo:
+        if fs.name in tiles:
+            fs.png = grid_png(fs, tiles[fs.name], heat[fs.name], s.best["arm"], int(s.best["seed"]))
+
+
+def heatmaps(sdir: str, tiles: dict[str, list[np.ndarray]]) -> dict[str, list]:
+    """Each set's tiles' Grad-CAM maps under the served model (None each where its backbone gives tokens)."""
+    from .serve_model import choose_model
+    from .serve_predictor import Predictor  # torch: only when a grid must be drawn
+    predictor = Predictor(choose_model(sdir))
+    return {name: [predictor.gradcam(t)[0] if predictor.explainable else None for t in ts]
+            for name, ts in tiles.items()}
 
 
 def previous_grid(s: Study, fs: FailureSet) -> bytes:

@@ -16,6 +16,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from . import metrics
 from .results import Missing, Study
+from .subgroups import NOT_RECORDED, OVERALL, SCORED
 
 # Okabe & Ito's colour-blind-safe palette, yellow last (it is faint on white).
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
@@ -318,6 +319,49 @@ def reliability_diagram(s: Study, predictions: pd.DataFrame | None = None, where
     return fig, (f"Reliability diagram of the served model ({arm}, seed {seed}, from best.json) on {where}, 10 "
                  f"equal-width probability bins; below, the images per bin. ECE is the image-weighted mean gap "
                  f"between predicted probability and observed frequency.")
+
+
+def subgroup_forest(s: Study, tables: dict[str, pd.DataFrame]):
+    """Forest plot of subgroup AUROC: per set (a panel each: 'test', then the external sets'
+    subgroups.csv), each subgroup's seed-mean AUROC and 95% CI per arm, each arm's AUROC over the
+    whole set as a dashed line of its colour; unscored subgroups are named, not drawn."""
+    tables = {name: t for name, t in tables.items() if t is not None and len(t)}
+    if not tables:
+        raise Missing("no subgroups.csv holds rows yet")
+    shown = {name: t[t["column"] != OVERALL].drop_duplicates(["column", "level"]) for name, t in tables.items()}
+    rows = max(len(g) for g in shown.values())
+    fig, axes = new_figure(5.2 * len(tables), 1.4 + 0.42 * rows * max(1, len(s.arms)) ** 0.5, 1, len(tables),
+                           sharex=True)
+    for ax, (name, t) in zip(axes[0], tables.items()):
+        groups = shown[name]
+        arms = [a for a in s.arms if a in set(t["arm"])]
+        offsets = dict(zip(arms, np.linspace(-0.25, 0.25, len(arms)) if len(arms) > 1 else [0.0]))
+        labels = []
+        for i, g in enumerate(groups.itertuples()):
+            size = "" if g.status == NOT_RECORDED else f" (n={int(g.n_images)})"
+            labels.append(f"{g.column} {g.level}".strip() + size + ("" if g.status == SCORED else f" {g.status}"))
+            scored = t[(t["column"] == g.column) & (t["level"] == g.level) & (t["status"] == SCORED)]
+            for r in scored.itertuples():
+                ax.errorbar(r.auroc, i + offsets[r.arm], xerr=[[r.auroc - r.auroc_lo], [r.auroc_hi - r.auroc]],
+                            fmt="o", ms=5, color=color(s, r.arm), capsize=3, lw=1.5, label=r.arm)
+        for r in t[t["column"] == OVERALL].itertuples():
+            ax.axvline(r.auroc, color=color(s, r.arm), ls="--", lw=1)
+        previous = list(groups["column"])
+        for i in range(1, len(previous)):
+            if previous[i] != previous[i - 1]:
+                ax.axhline(i - 0.5, color="0.8", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("AUROC (mean over final seeds, 95% CI)")
+        ax.grid(axis="x", alpha=0.25)
+    handles = [Line2D([], [], marker="o", color=color(s, a), label=a) for a in s.arms]
+    handles.append(Line2D([], [], color="0.4", ls="--", label="arm's AUROC on the whole set"))
+    fig.legend(handles=handles, fontsize=8, loc="outside upper center", ncols=len(handles), frameon=False)
+    return fig, ("AUROC of each arm in each subgroup (mean over final seeds, 95% CI from resampling the set's "
+                 "patients), one panel per set; the dashed lines are each arm's AUROC on the whole set. Subgroups "
+                 "with too few images or a single class, or a column the set does not record, are named but not "
+                 "scored.")
 
 
 # (file name, title, drawing), in the report's order

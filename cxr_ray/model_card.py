@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import metrics, storage
+from . import metrics, storage, subgroups as subgroup_results
 from .data import CLASSES, SPLIT_ORDER
 from .results import Study
 
@@ -26,7 +26,6 @@ OUT_OF_SCOPE = ["clinical diagnosis or screening", "images unlike the training d
                 "projection, age group or acquisition) unless checked on such data first",
                 "findings other than pneumonia: the model answers NORMAL or PNEUMONIA only"]
 SHORTCUT_AUROC = 0.6  # the films' shape alone tells the classes apart at least this well: a shortcut to name
-SUBGROUP_FILE = "subgroups.csv"  # written by the subgroup analysis, when the spec asks for one
 
 
 def clean(value):
@@ -118,17 +117,21 @@ def served_run_metrics(s: Study) -> dict:
 
 
 def subgroups(s: Study, arm: str) -> dict:
-    """The served arm's rows of subgroups.csv (internal test) and external/<name>/subgroups.csv."""
+    """The served arm's subgroup rows of the internal test (subgroups.csv) and each external set
+    (external/<name>/subgroups.csv), and those whose CI lies wholly below the arm's estimate on the set."""
     tables = []
-    for uri in [storage.join(s.dir, SUBGROUP_FILE)] + [storage.join(s.dir, "external", n, SUBGROUP_FILE)
-                                                         for n in s.externals]:
+    for uri in [storage.join(s.dir, subgroup_results.TABLE)] + [
+            storage.join(s.dir, "external", n, subgroup_results.TABLE) for n in s.externals]:
         if storage.exists(uri):
-            t = storage.read_csv(uri)
-            tables.append(t[t["arm"] == arm] if "arm" in t else t)
+            t = subgroup_results.as_read(storage.read_csv(uri))
+            tables.append(t[t["arm"] == arm])
     if not tables:
         return {"analysed": False, "note": "no subgroup analysis: the spec names no subgroups (subgroups: [...])"}
     rows = pd.concat(tables, ignore_index=True)
-    return {"analysed": True, "rows": rows.to_dict("records")}
+    shown = rows[(rows["column"] != subgroup_results.OVERALL) & (rows["status"] != subgroup_results.NOT_RECORDED)]
+    return {"analysed": True, "rows": shown.to_dict("records"),
+            "below_overall": [f"{name}: {finding}" for name, t in rows.groupby("set", sort=False)
+                              for finding in subgroup_results.below_overall(t, arm)]}
 
 
 def limits(s: Study, arm: str, external: dict) -> list[str]:
@@ -165,11 +168,8 @@ def limits(s: Study, arm: str, external: dict) -> list[str]:
         gap = ext["auroc"]["value"] - test["auroc"]
         if gap < 0:
             out.append(f"On external set {name} the AUROC is {abs(gap):.3f} lower than on the internal test split.")
-    for row in (subgroups(s, arm).get("rows") or []):
-        if row.get("status") == "ok" and pd.notna(row.get("auroc_hi")) and row["auroc_hi"] < test["auroc"]:
-            out.append(f"Subgroup {row.get('column')}={row.get('level')} ({row.get('set')}): AUROC "
-                       f"{row['auroc']:.3f} ({row['auroc_lo']:.3f}-{row['auroc_hi']:.3f}), wholly below the "
-                       f"overall {test['auroc']:.3f}.")
+    for finding in subgroups(s, arm).get("below_overall", []):
+        out.append(f"Subgroup {finding}: its 95% CI lies wholly below the estimate on the whole set.")
     if s.spec.unmatched:
         out.append("Unmatched study: the arms ran with different settings, so the choice of backbone is not a fair "
                    "comparison.")
@@ -223,7 +223,7 @@ def markdown(card: dict) -> str:
         lines += ["| set | column | level | images | AUROC | sensitivity | specificity |", "|---" * 7 + "|"]
         for r in sub["rows"]:
             lines.append(f"| {r.get('set')} | {r.get('column')} | {r.get('level')} | {r.get('n_images')} | "
-                         + " | ".join(range_words(r, k) if r.get("status") == "ok" else str(r.get("status"))
+                         + " | ".join(range_words(r, k) if r.get("status") == subgroup_results.SCORED else str(r.get("status"))
                                       for k in ("auroc", "sensitivity", "specificity")) + " |")
     lines += ["", "## Known limits", "", *[f"- {x}" for x in card["limits"]], ""]
     return "\n".join(lines)

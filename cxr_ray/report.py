@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import evaluation, failures, figures, metrics, model_card, spec as specs, storage
+from . import evaluation, failures, figures, metrics, model_card, spec as specs, storage, subgroups
 from .figures import METRIC_LABELS
 from .results import Missing, Study
 
@@ -89,6 +89,8 @@ def verdict(s: Study) -> list[Block]:
             text += " " + ext.verdict["verdict"]
     if not s.externals:
         text += " " + no_external_set(s)
+    if s.spec.subgroups and s.subgroups is not None and len(s.subgroups):
+        text += " " + subgroups.verdict_sentence(subgroup_sets(s, 0), served_arm(s))
     blocks.append(Block("text", text))
     if s.best is None:
         blocks.append(Block("note", f"No model chosen to serve yet: {s.why('best.json')}."))
@@ -195,6 +197,49 @@ def set_source(audit: dict) -> str:
 def split_counts(found: dict) -> str:
     counts = found.get("in_splits", {})
     return ", ".join(f"{n} in {k}" for k, n in counts.items() if n) or "none"
+
+
+# ----------------------------------------------------------------------------- 2b. subgroups
+
+def subgroup_sets(s: Study, which: int) -> dict[str, pd.DataFrame]:
+    """Each scored set's subgroups.csv (``which`` 0) or subgroup_comparison.csv (1): test first."""
+    found = {"test": (s.subgroups, s.subgroup_comparison),
+             **{name: (e.subgroups, e.subgroup_comparison) for name, e in s.externals.items()}}
+    return {name: subgroups.as_read(pair[which]) for name, pair in found.items()
+            if pair[which] is not None and len(pair[which])}
+
+
+def served_arm(s: Study) -> str:
+    return s.best["arm"] if s.best else s.summary.iloc[0]["arm"]
+
+
+def subgroup_blocks(s: Study) -> list[Block]:
+    s.need("subgroups.csv")
+    tables, comparisons = subgroup_sets(s, 0), subgroup_sets(s, 1)
+    spec = s.spec
+    blocks = [Block("text", f"Results per subgroup of {', '.join(spec.subgroups)}"
+                            + (f" (age bands {', '.join(subgroups.band_labels(spec.age_bands))})"
+                               if subgroups.AGE_BAND in spec.subgroups else "")
+                            + f" for every arm: the mean over its final seeds, each run at its validation-chosen "
+                              f"threshold, with 95% CIs from resampling the set's patients. A subgroup with fewer "
+                              f"than {spec.subgroup_min} images or a single class is shown as too few, not scored. "
+                              f"Each arm is compared with the set's reference arm by the paired bootstrap of "
+                              f"comparison.csv, Holm-adjusted over the subgroups.")]
+    for name, table in tables.items():
+        where, prefix = ("the test split", "") if name == "test" else (f"{name} (external)", f"external/{name}/")
+        compared = comparisons.get(name)
+        blocks += [Block("text", subgroups.verdict_text(table, compared, served_arm(s), where)),
+                   Block("table", f"Subgroups of {where} ({prefix}subgroups.csv).", f"subgroups_{name}",
+                         subgroups.readable(table))]
+        if compared is not None and (compared["status"] == subgroups.SCORED).any():
+            blocks.append(Block("table", f"Does the verdict between arms hold in each subgroup of {where}? "
+                                         f"({prefix}subgroup_comparison.csv)", f"subgroup_comparison_{name}",
+                                bootstrap_p(subgroups.readable_comparison(compared), s)))
+
+    def forest():
+        fig, caption = figures.subgroup_forest(s, tables)
+        return [Block("figure", caption, "subgroups_forest", png=figures.png(fig))]
+    return blocks + guarded("Subgroup forest plot", forest)
 
 
 # ----------------------------------------------------------------------------- 3. fairness audit
@@ -584,6 +629,8 @@ def build(sdir: str) -> tuple[str, list[tuple[str, list[Block]]]]:
     sections = [("Verdict", verdict), ("Internal vs external", internal_vs_external), ("Fairness audit", fairness),
                 ("Tables", tables), ("Figures", figure_blocks), ("Failure cases", failure_cases),
                 ("Model card", card_blocks), ("Reproduction", reproduction)]
+    if s.spec.subgroups:
+        sections.insert(2, ("Subgroups", subgroup_blocks))
     return f"Study report: {s.spec.name}", [(title, guarded(title, lambda f=f: f(s))) for title, f in sections]
 
 

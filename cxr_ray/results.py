@@ -23,6 +23,8 @@ WRITTEN_BY = {
     **{name: "the final evaluation" for name in ("final.csv", "summary.csv", "comparison.csv", "predictions.csv",
                                                   "best.json", "ensembles.csv", "operating_points.csv")},
     "study.json": "the end of the study",
+    "subgroups.csv": "the final evaluation, when the spec names subgroups",
+    "subgroup_comparison.csv": "the final evaluation, when the spec names subgroups",
 }
 
 
@@ -66,6 +68,8 @@ class Study:
         self.ensembles = self._csv("ensembles.csv")
         self.operating_points = self._csv("operating_points.csv")
         self.study = self._json("study.json")
+        self.subgroups = self._csv("subgroups.csv")
+        self.subgroup_comparison = self._csv("subgroup_comparison.csv")
         self.externals = {name: External(self, name) for name in storage.listdir(storage.join(sdir, "external"))
                           if storage.exists(storage.join(sdir, "external", name, "summary.csv"))}
         if self.summary is not None and len(self.summary):
@@ -133,6 +137,7 @@ class External:
         read = {"csv": study._csv, "json": study._json}
         for stem, kind in (("summary", "csv"), ("comparison", "csv"), ("predictions", "csv"), ("ensembles", "csv"),
                            ("operating_points", "csv"), ("summary_without_shared_patient_ids", "csv"),
+                           ("subgroups", "csv"), ("subgroup_comparison", "csv"),
                            ("audit", "json"), ("verdict", "json")):
             setattr(self, stem, read[kind](f"external/{name}/{stem}.{kind}"))
         if self.summary is not None and len(self.summary):

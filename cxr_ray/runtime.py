@@ -89,6 +89,17 @@ def send_ray_logs_to(path: str) -> None:
             logger.addHandler(to_file)
 
 
+def worker_task(fn, resources, *args):
+    """``fn(*args)`` as one Ray task with a trial worker's ``resources`` (spec.Resources: its CPUs, GPU
+    and custom resources) on the cluster this process joins, on a node that reads the study's
+    storage: the caller ships the inputs and never imports torch itself."""
+    connect(quiet=True)
+    r = resources
+    task = ray.remote(fn).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
+                                  resources=r.worker_resources or None)
+    return ray.get(task.remote(*args))
+
+
 SHIP_LIMIT_ENV = "CXR_RAY_SHIP_LIMIT_MB"
 SHIP_LIMIT_MB = 1024  # caches above this are memory-mapped by every node instead of shipped
 

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from .config import ENGINES, SELECTION_METRICS, ConfigError, TrainConfig
-from .data import SOURCES, DataError, check_image_size
+from .data import RESERVED_COLUMNS, SOURCES, DataError, check_image_size
 from .manifest import PATIENT_IS_IMAGE, ROLES, ManifestFormat, label_text
 from .metrics import POLICIES
 from .errors import CxrError
@@ -166,6 +166,10 @@ SECTIONS = {"data": DataSection, "budget": Budget, "resources": Resources, "sele
             "threshold": Threshold}
 TOP_LEVEL = {"name", "description", "seed", "unmatched", "model", "arms", "search_space", "fixed",
              "external", "tracking"} | set(SECTIONS)
+# Subgroup results (subgroups.py): which metadata columns, the age bands of the derived age_band column,
+# and the smallest subgroup that is scored. Hashed and written to spec.yaml only when set.
+SUBGROUP_DEFAULTS = {"subgroups": [], "age_bands": [0, 18, 40, 65, 120], "subgroup_min": 30}
+TOP_LEVEL |= set(SUBGROUP_DEFAULTS)
 
 
 def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
@@ -222,6 +226,9 @@ class Spec:
     external: list[External]
     tracking: Tracking = field(default_factory=Tracking)
     recorded_hash: str | None = None  # a study's identity stays the hash it was started with
+    subgroups: list = field(default_factory=list)  # metadata columns (or age_band) to break results down by
+    age_bands: list = field(default_factory=lambda: list(SUBGROUP_DEFAULTS["age_bands"]))
+    subgroup_min: int = SUBGROUP_DEFAULTS["subgroup_min"]
 
     @property
     def raw(self) -> dict:
@@ -231,6 +238,9 @@ class Spec:
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
         out["external"] = [dataclasses.asdict(e) for e in self.external]
         out["arms"] = [{k: v for k, v in dataclasses.asdict(a).items() if k != "settings" or v} for a in self.arms]
+        for key, default in SUBGROUP_DEFAULTS.items():  # unset, they leave earlier studies' hashes as they were
+            if out[key] == default:
+                del out[key]
         return out
 
     @property
@@ -458,7 +468,7 @@ def validate(raw: dict, file: str = "spec") -> Spec:
 
     external = _externals(raw.get("external"), file)
     spec = Spec(file, name, str(raw.get("description", "")), seed, unmatched, d, model, arms, space, fixed, b, r, sel,
-                f, t, external, _section(raw, "tracking", file, Tracking))
+                f, t, external, _section(raw, "tracking", file, Tracking), **_subgroups(raw, file))
     # Every configuration this spec can produce must be a valid TrainConfig: all the sampled ones,
     # and every option of every choice (one the seed happens not to draw is still an error).
     samples = sample_configs(spec)
@@ -488,6 +498,30 @@ def _externals(given, file: str) -> list[External]:
             raise SpecError(f"{file}: external[{i}]: duplicate name {ext.name!r}")
         _check_labelled(ext, f"external[{i}]", file)
         out.append(ext)
+    return out
+
+
+def _subgroups(raw: dict, file: str) -> dict:
+    """The subgroup keys: column names (any metadata column a set records, or age_band), increasing
+    age band edges, and the smallest subgroup scored. Whether a set records a column is checked on
+    the data (subgroups.check_columns), before training."""
+    out = {key: raw.get(key, default) for key, default in SUBGROUP_DEFAULTS.items()}
+    columns, bands, smallest = out["subgroups"], out["age_bands"], out["subgroup_min"]
+    if not isinstance(columns, list) or not all(isinstance(c, str) and c for c in columns):
+        raise SpecError(f"{file}: subgroups must be a list of metadata column names, e.g. [sex, view, age_band, site]")
+    if len(set(columns)) != len(columns):
+        raise SpecError(f"{file}: subgroups has duplicates")
+    reserved = [c for c in columns if c in RESERVED_COLUMNS]
+    if reserved:
+        raise SpecError(f"{file}: subgroups: {reserved[0]!r} is not a metadata column (reserved: "
+                        f"{', '.join(RESERVED_COLUMNS)})")
+    if (not isinstance(bands, list) or len(bands) < 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bands)
+            or any(b >= c for b, c in zip(bands, bands[1:]))):
+        raise SpecError(f"{file}: age_bands must be at least two increasing numbers, e.g. [0, 18, 40, 65, 120] "
+                        f"(got {bands!r})")
+    if isinstance(smallest, bool) or not isinstance(smallest, int) or smallest < 2:
+        raise SpecError(f"{file}: subgroup_min must be an integer >= 2 (got {smallest!r})")
     return out
 
 

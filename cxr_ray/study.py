@@ -26,7 +26,7 @@ import pandas as pd
 import ray
 from ray import tune
 
-from . import console, data, evaluation, external, models, runtime, spec as specs, storage, tracking, training
+from . import console, data, evaluation, external, models, runtime, spec as specs, storage, subgroups, tracking, training
 from .config import TrainConfig
 from .errors import CxrError
 from .scheduler import PerArmASHA
@@ -358,6 +358,8 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
     prepared = prepare_data(spec, sdir)
     tracker = tracking.start(spec, sdir)
     audited = audit_external(spec, sdir, prepared)
+    subgroups.check_columns(spec.subgroups, {"test": prepared.split.columns,  # a typo fails now, not after training
+                                             **{name: a[1].columns for name, a in audited.items()}})
     runtime.connect(verbose=verbose, log_file=None if storage.is_remote(sdir) else os.path.join(sdir, "driver.log"))
     check_capacity(spec)
     data_ref = runtime.put_data(prepared, {name: a[0].images for name, a in audited.items()})
@@ -410,6 +412,8 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
         "engine": spec.engine, "phases": phases,
         "command": " ".join(sys.argv), "ray_resources": ray.cluster_resources(),
     })
+    if spec.subgroups:
+        verdicts.append(subgroups.study_sentence(sdir, outcome["best"]["arm"]))
     print("\n" + "\n".join(verdicts), flush=True)
     if report:
         from . import report as reporting

@@ -90,7 +90,7 @@ def test_card_states_the_served_model_data_metrics_and_hash(fake_study_dir):
 def test_card_reads_subgroups_and_the_shortcut_probe(fake_study_dir, tmp_path):
     sdir = shutil.copytree(fake_study_dir, tmp_path / "fake")
     overall = pd.read_csv(sdir / "summary.csv").set_index("arm").loc[FAKE_BEST_ARM, "auroc"]
-    base = {"set": "test", "column": "sex", "status": "ok", "sensitivity": 0.9, "sensitivity_lo": 0.8,
+    base = {"set": "test", "column": "sex", "status": "scored", "sensitivity": 0.9, "sensitivity_lo": 0.8,
             "sensitivity_hi": 0.95, "specificity": 0.8, "specificity_lo": 0.7, "specificity_hi": 0.9}
     pd.DataFrame([base | {"level": "F", "arm": FAKE_BEST_ARM, "n_images": 30, "auroc": 0.7, "auroc_lo": 0.6,
                           "auroc_hi": overall - 0.01},
@@ -99,7 +99,12 @@ def test_card_reads_subgroups_and_the_shortcut_probe(fake_study_dir, tmp_path):
                   base | {"level": "F", "arm": "effnet", "n_images": 30, "auroc": 0.5, "auroc_lo": 0.4,
                           "auroc_hi": 0.6},
                   base | {"level": "X", "arm": FAKE_BEST_ARM, "n_images": 2, "status": "too few", "auroc": np.nan,
-                          "auroc_lo": np.nan, "auroc_hi": np.nan}]).to_csv(sdir / "subgroups.csv", index=False)
+                          "auroc_lo": np.nan, "auroc_hi": np.nan},
+                  base | {"column": "view", "level": "", "arm": FAKE_BEST_ARM, "n_images": 0, "status": "not recorded",
+                          "auroc": np.nan, "auroc_lo": np.nan, "auroc_hi": np.nan},
+                  base | {"column": "all", "level": "all", "arm": FAKE_BEST_ARM, "n_images": 60, "auroc": overall,
+                          "auroc_lo": overall - 0.05, "auroc_hi": overall + 0.02}]).to_csv(sdir / "subgroups.csv",
+                                                                                           index=False)
     dr = json.loads((sdir / "data_report.json").read_text())
     dr["aspect_ratio"] = {"median_by_class": {"NORMAL": 1.21, "PNEUMONIA": 1.02}, "auroc": 0.18}
     (sdir / "data_report.json").write_text(json.dumps(dr))
@@ -108,7 +113,7 @@ def test_card_reads_subgroups_and_the_shortcut_probe(fake_study_dir, tmp_path):
     assert card["subgroups"]["rows"][2]["auroc"] is None  # JSON: no NaN
     json.dumps(card, allow_nan=False)
     below = [x for x in card["limits"] if x.startswith("Subgroup")]
-    assert len(below) == 1 and "sex=F" in below[0]  # only the served arm's subgroup wholly below its overall AUROC
+    assert len(below) == 1 and "test: sex F: AUROC 0.700" in below[0]  # only the served arm's, below its overall AUROC
     assert any("aspect ratio alone separates the classes with AUROC 0.820" in x for x in card["limits"])
     md = model_card.markdown(card)
     assert "| test | sex | X | 2 | too few |" in md
