@@ -8,6 +8,7 @@ own; its report says so.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -75,6 +76,10 @@ class DataSection(LabelledSet):
     @property
     def synthetic_set(self) -> SyntheticSet:
         return SyntheticSet(self.synthetic_images)
+
+
+# How a manifest is read, at its defaults: left out of a spec's hash (set, they count).
+MANIFEST_DEFAULTS = {"columns": {}, "positive": _positive(), "negative": _negative(), "root": None, "cache": None}
 
 
 @dataclass(frozen=True)
@@ -238,14 +243,13 @@ class Spec:
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
         out["external"] = [dataclasses.asdict(e) for e in self.external]
         out["arms"] = [{k: v for k, v in dataclasses.asdict(a).items() if k != "settings" or v} for a in self.arms]
-        for key, default in SUBGROUP_DEFAULTS.items():  # unset, they leave earlier studies' hashes as they were
-            if out[key] == default:
-                del out[key]
         return out
 
     @property
     def hash(self) -> str:
-        return self.recorded_hash or _digest(self.raw)
+        """The digest of ``raw`` without the keys added since studies were first hashed, where they
+        hold their defaults: a study that does not use them keeps the hash it always had."""
+        return self.recorded_hash or _digest(_identity(self.raw))
 
     @property
     def arm_names(self) -> list[str]:
@@ -586,12 +590,28 @@ def _arms(given, pretrained: bool | str, unmatched: bool, max_epochs: int, file:
     return arms
 
 
+def _identity(raw: dict) -> dict:
+    """What a spec's hash digests: ``raw`` without the keys added since studies were first hashed,
+    where they hold their defaults, so a study that does not use them keeps the hash it always had."""
+    out = copy.deepcopy(raw)
+    for key, default in SUBGROUP_DEFAULTS.items():
+        if out.get(key, default) == default:
+            out.pop(key, None)
+    for section in [out.get("data", {}), *out.get("external", [])]:
+        for key, default in MANIFEST_DEFAULTS.items():
+            if key in section and section[key] == default:
+                del section[key]
+    return out
+
+
 def validate_text(text: str, path: str) -> Spec:
-    """The resolved spec a study wrote to its directory, checked against its recorded hash."""
+    """The resolved spec a study wrote to its directory, checked against its recorded hash (a study
+    written while the newer keys were still hashed at their defaults is accepted as well)."""
     raw = yaml_load(text)
     recorded = raw.pop("spec_hash", None)
-    if recorded and recorded != _digest(raw):
-        raise SpecError(f"{path}: spec_hash {recorded} does not match its content ({_digest(raw)}); was it edited?")
+    if recorded and recorded not in (_digest(_identity(raw)), _digest(raw)):
+        raise SpecError(f"{path}: spec_hash {recorded} does not match its content ({_digest(_identity(raw))}); "
+                        f"was it edited?")
     spec = validate(raw, path)  # may fill in defaults added since the study started
     spec.recorded_hash = recorded
     return spec
