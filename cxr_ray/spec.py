@@ -124,6 +124,7 @@ class Threshold:
     """How each final run picks its operating point on validation (metrics.operating_point)."""
     policy: str = "youden"
     target: float | None = None  # the sensitivity or specificity to reach, for those policies
+    prevalence: float | None = None  # the served site's expected prevalence (operating.py: which policies use it)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class External(LabelledSet):
     positive: list = field(default_factory=_positive)
     negative: list = field(default_factory=_negative)
     root: str | None = None
+    prevalence: float | None = None  # this set's expected prevalence (default: threshold.prevalence)
 
     @property
     def synthetic_set(self) -> SyntheticSet:
@@ -230,6 +232,9 @@ class Spec:
                if f.name not in ("path", "recorded_hash", "tracking")}
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
         out["external"] = [dataclasses.asdict(e) for e in self.external]
+        for section in (out["threshold"], *out["external"]):  # unset: the hash of a spec without the key
+            if section["prevalence"] is None:
+                del section["prevalence"]
         out["arms"] = [{k: v for k, v in dataclasses.asdict(a).items() if k != "settings" or v} for a in self.arms]
         return out
 
@@ -431,6 +436,8 @@ def validate(raw: dict, file: str = "spec") -> Spec:
                         f"policy sensitivity or specificity (policy {t.policy})")
     if t.target is not None and not 0 < t.target < 1:
         raise SpecError(f"{file}: threshold.target must be in (0, 1) (got {t.target})")
+    if t.prevalence is not None and not 0 < t.prevalence < 1:
+        raise SpecError(f"{file}: threshold.prevalence must be in (0, 1) (got {t.prevalence})")
 
     f = sections["final"]
     if not f.seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in f.seeds):
@@ -487,6 +494,8 @@ def _externals(given, file: str) -> list[External]:
         if ext.name in [e.name for e in out]:
             raise SpecError(f"{file}: external[{i}]: duplicate name {ext.name!r}")
         _check_labelled(ext, f"external[{i}]", file)
+        if ext.prevalence is not None and not 0 < ext.prevalence < 1:
+            raise SpecError(f"{file}: external[{i}].prevalence must be in (0, 1) (got {ext.prevalence})")
         out.append(ext)
     return out
 
