@@ -237,3 +237,33 @@ def line(label: str, row) -> str:
             f"{', FRAGILE' if row['fragile'] else ''}; plain rule {row['plain_threshold']:.3f}, bootstrap 95% "
             f"{row['boot_low']:.3f}-{row['boot_high']:.3f}); validation sensitivity {row['val_sensitivity']:.3f}, "
             f"specificity {row['val_specificity']:.3f}; " + "; ".join(costs))
+
+
+def landing(points, name: str, final, predictions, ensembles) -> dict[tuple[str, int], str]:
+    """Where each validation point (validation_points rows) lands on external set ``name``: its
+    sensitivity/specificity there at the chosen point (the set's final.csv / ensembles.csv), and, for
+    a single run, at the two ends of its validation interval (from the set's predictions.csv, whose
+    served probabilities map back to raw ones through the run's calibration) -> one cell per run."""
+    out = {}
+    for row in points.to_dict("records"):
+        key = (row["arm"], int(row["seed"]))
+        table = ensembles if key[1] == -1 else final
+        if table is None:
+            continue
+        hit = table[table["arm"] == key[0]]
+        hit = hit if key[1] == -1 else hit[hit["seed"] == key[1]]
+        if not len(hit):
+            continue
+        at = hit.iloc[0]
+        cell = f"{at['sensitivity']:.3f} / {at['specificity']:.3f}"
+        mine = None if predictions is None or key[1] == -1 else predictions[
+            (predictions["arm"] == key[0]) & (predictions["seed"] == key[1])]
+        if mine is not None and len(mine):
+            raw = mine["probability"].to_numpy()
+            if "platt_a" in at and at["platt_a"] == at["platt_a"]:  # served = calibrated: back to raw
+                raw = 1 / (1 + np.exp(-(metrics.logit(raw) - at["platt_b"]) / at["platt_a"]))
+            ends = [metrics.confusion(mine["label"].to_numpy(), raw, t) for t in (row["interval_low"], row["interval_high"])]
+            cell += (f" (interval ends: {ends[0]['sensitivity']:.3f} / {ends[0]['specificity']:.3f} to "
+                     f"{ends[1]['sensitivity']:.3f} / {ends[1]['specificity']:.3f})")
+        out[key] = cell
+    return out

@@ -81,7 +81,7 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
     else:
         threshold, platt = float(members.iloc[0]["threshold"]), _platt(members.iloc[0])
     point = {"policy": best["policy"]["policy"], "target": best["policy"]["target"],
-             "chosen_on": "the study's validation split"}
+             "prevalence": best.get("operating", {}).get("prevalence"), "chosen_on": "the study's validation split"}
     if policy or prevalence is not None:
         name, target = threshold_policy(policy) if policy else (point["policy"], point["target"])
         threshold, platt = _serve_time_point(sdir, arm, [int(s) for s in members["seed"]], name, target, prevalence)
@@ -103,6 +103,7 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
         fitted = profile["ensemble" if ensemble else "model"]
         threshold, platt = fitted["threshold"], tuple(fitted["platt"]) if fitted["platt"] else None
         point = {"policy": profile["policy"], "target": profile["target"], "site": site,
+                 "prevalence": profile.get("prevalence"),
                  "chosen_on": f"site {site}'s sample of {profile['images']} images"}
     external = {}
     for name in storage.listdir(storage.join(sdir, "external")):

@@ -232,9 +232,6 @@ class Spec:
                if f.name not in ("path", "recorded_hash", "tracking")}
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
         out["external"] = [dataclasses.asdict(e) for e in self.external]
-        for section in (out["threshold"], *out["external"]):  # unset: the hash of a spec without the key
-            if section["prevalence"] is None:
-                del section["prevalence"]
         out["arms"] = [{k: v for k, v in dataclasses.asdict(a).items() if k != "settings" or v} for a in self.arms]
         return out
 
