@@ -65,7 +65,7 @@ class Point:
     plain: float  # the plain rule's point on the whole sample (metrics.operating_point)
     low: float  # the interval of thresholds that are optimal or within noise of it (module docstring)
     high: float
-    boot: np.ndarray  # the plain rule's point on every patient resample (NaN: a single-class resample)
+    boot: np.ndarray  # the same rule's point on every patient resample (NaN: a single-class resample)
     sensitivity: float  # on the sample, at ``threshold``
     specificity: float
     prevalence: float  # of the sample
@@ -141,10 +141,10 @@ def choose(policy: str, target: float | None, sample: Sample, p, site_prevalence
                 boot = _first_column(tps[:, 1:] / pos >= target - 1e-9, thresholds[1:])
                 threshold = plain["threshold"]
             else:  # specificity: just above the first negative whose call breaks the target
-                last = _first_column(1 - fps[:, 1:] / neg < target - 1e-9, np.arange(len(thresholds) - 1))
-                boot = np.full(len(last), np.nan)
-                ok = np.isfinite(last)
-                boot[ok] = np.nextafter(thresholds[1:][last[ok].astype(int)], np.inf)
+                breaking = _first_column(1 - fps[:, 1:] / neg < target - 1e-9, np.arange(len(thresholds) - 1))
+                boot = np.full(len(breaking), np.nan)
+                ok = np.isfinite(breaking)
+                boot[ok] = np.nextafter(thresholds[1:][breaking[ok].astype(int)], np.inf)
                 threshold = plain["threshold"]
             boot[(pos[:, 0] == 0) | (neg[:, 0] == 0)] = np.nan
             low, high = (np.nanquantile(boot, [0.025, 0.975]) if np.isfinite(boot).any() else (threshold, threshold))
@@ -162,22 +162,23 @@ def _first_column(hit: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _youden(y: np.ndarray, p: np.ndarray, j_boot: np.ndarray, thresholds: np.ndarray):
-    """Youden's point: every resample's plain point (the highest threshold of its maximal J), and
-    the middle (logit scale) of the thresholds whose J on the whole sample is within one bootstrap
-    SD of the maximal J, from the score just below the lowest such threshold to the highest."""
-    j_boot = j_boot[:, 1:]
+    """Youden's noise-mid point: the middle (logit scale) of the thresholds whose J is within the
+    resampling noise (one SD of the resamples' maximal J) of the maximal J, from the score just
+    below the lowest such threshold to the highest. On the whole sample (the point and its
+    interval) and, with the same noise, on every resample (its bootstrap distribution)."""
+    scores, j_boot = thresholds[1:], j_boot[:, 1:]
     single = ~np.isfinite(j_boot).all(axis=1)
-    boot = thresholds[1:][np.argmax(np.where(single[:, None], 0, j_boot), axis=1)].astype(float)
-    boot[single] = np.nan
-    noise = float(np.nanstd(np.where(single, np.nan, j_boot.max(axis=1, initial=-np.inf)))) if (~single).any() else 0.0
-    n_pos, n_neg = y.sum(), len(y) - y.sum()
+    maxima = j_boot.max(axis=1, initial=-np.inf)
+    noise = float(np.std(maxima[~single])) if (~single).any() else 0.0
     tps, fps, _ = metrics.roc_counts(y, p, np.ones((1, len(y))))
-    j = (tps[0, 1:] / n_pos - fps[0, 1:] / n_neg)
-    good = np.flatnonzero(j >= j.max() - noise - 1e-12)
-    scores = thresholds[1:]
-    high, low = scores[good.min()], scores[min(good.max() + 1, len(scores) - 1)]
-    middle = 1 / (1 + math.exp(-(metrics.logit(high) + metrics.logit(low)) / 2))
-    return boot, float(middle), float(low), float(high)
+    j_all = np.vstack([tps[0, 1:] / tps[0, -1] - fps[0, 1:] / fps[0, -1], np.where(single[:, None], 0, j_boot)])
+    good = j_all >= j_all.max(axis=1, keepdims=True) - noise - 1e-12
+    first, last = np.argmax(good, axis=1), good.shape[1] - 1 - np.argmax(good[:, ::-1], axis=1)
+    high, low = scores[first], scores[np.minimum(last + 1, len(scores) - 1)]
+    middle = 1 / (1 + np.exp(-(metrics.logit(high) + metrics.logit(low)) / 2))
+    boot = middle[1:].astype(float)
+    boot[single] = np.nan
+    return boot, float(middle[0]), float(low[0]), float(high[0])
 
 
 def _platt_resampled(y: np.ndarray, p: np.ndarray, counts: np.ndarray, start: tuple[float, float],
