@@ -124,9 +124,14 @@ def operating_points(s: Study) -> list[Block]:
             table[f"PPV / NPV / accuracy at {pi} prevalence {points[f'{name}_prevalence'].iloc[0]:.2f}"] = [
                 f"{getattr(r, name + '_expected_ppv'):.3f} / {getattr(r, name + '_expected_npv'):.3f} / "
                 f"{getattr(r, name + '_expected_accuracy'):.3f}" for r in points.itertuples()]
+    named = {e.name: e.prevalence for e in s.spec.external if e.prevalence is not None}
     for name, ext in s.externals.items():
         cells = operating.landing(points, name, ext.final, ext.predictions, ext.ensembles)
         table[f"{name} sens / spec"] = [cells.get((r.arm, int(r.seed)), "–") for r in points.itertuples()]
+        if name in named:
+            costs = [operating.expected(r.val_sensitivity, r.val_specificity, named[name]) for r in points.itertuples()]
+            table[f"PPV / NPV / accuracy at {name} prevalence {named[name]:.2f}"] = [
+                f"{c['ppv']:.3f} / {c['npv']:.3f} / {c['accuracy']:.3f}" for c in costs]
     interval = "J within one bootstrap SD of its maximum" if youden else "the 95% bootstrap interval of the point"
     chosen = "its middle on the logit scale" if youden else "the plain rule on all of validation"
     return [Block("text", f"Every point is chosen on validation by the study's policy "

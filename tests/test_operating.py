@@ -212,3 +212,14 @@ def test_the_cli_refuses_a_prevalence_outside_zero_one(fake_study_dir):
     run = subprocess.run([sys.executable, "-m", "cxr_ray.cli", "calibrate", str(fake_study_dir), "--name", "a",
                           "--source", "synthetic", "--prevalence", "1.2"], capture_output=True, text=True)
     assert run.returncode == 2 and "prevalence" in run.stderr
+
+
+def test_a_spec_names_prevalences_in_zero_one():
+    from cxr_ray import spec as specs
+    raw = {"name": "p", "data": {"source": "synthetic"}, "arms": ["resnet18"], "budget": {"samples_per_arm": 1,
+                                                                                          "max_epochs": 1}}
+    assert specs.validate(raw | {"threshold": {"policy": "calibrated", "prevalence": 0.3}}, "s.yaml").threshold.prevalence == 0.3
+    with pytest.raises(specs.SpecError, match=r"s.yaml: threshold.prevalence must be in \(0, 1\)"):
+        specs.validate(raw | {"threshold": {"prevalence": 1.5}}, "s.yaml")
+    with pytest.raises(specs.SpecError, match=r"external\[0\].prevalence must be in \(0, 1\)"):
+        specs.validate(raw | {"external": [{"name": "x", "source": "synthetic", "prevalence": 0}]}, "s.yaml")
