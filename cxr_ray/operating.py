@@ -128,7 +128,7 @@ def choose(policy: str, target: float | None, sample: Sample, p, site_prevalence
     shift = prevalence_shift(float(y.mean()), site_prevalence)
     tps, fps, thresholds = metrics.roc_counts(y, p, sample.counts)
     pos, neg = tps[:, -1:], fps[:, -1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # single-class or unfitted resamples: NaN
         if policy == "youden":
             boot, threshold, low, high = _youden(y, p, tps / pos - fps / neg, thresholds)
         else:
