@@ -3,7 +3,8 @@ the same for every external set, scored once afterwards.
 
 Each arm's best configuration was retrained with every final seed. Each run picks its operating
 point on VALIDATION (spec ``threshold``: Youden, a sensitivity or specificity target, or 0.5 after
-Platt calibration), then is scored on the test split (and later on external sets) as chosen. Per
+Platt calibration; bootstrapped over validation patients, and for Youden made stable, by
+operating.py), then is scored on the test split (and later on external sets) as chosen. Per
 arm we report the mean over seeds, with a 95% CI from resampling *patients* (the seed-mean
 recomputed on each resample), and the seed ensemble (mean probability, its own validation-chosen
 operating point). Against the best arm (highest mean test AUROC) every other arm gets:
@@ -49,7 +50,7 @@ class Run:
     test: np.ndarray  # test probabilities, in split order
     threshold: float  # on the served probability (calibrated when platt is set)
     platt: tuple[float, float] | None
-    points: dict = field(default_factory=dict)  # (policy, target) -> operating.Point on validation, once per run
+    points: dict = field(default_factory=dict)  # (policy, target, prevalence) -> operating.Point on validation
 
     def served(self, p: np.ndarray) -> np.ndarray:
         """The probability a user is shown: calibrated if the operating point calibrates."""
@@ -57,8 +58,11 @@ class Run:
 
 
 def validation_sample(spec: Spec, y_val: np.ndarray, patients: np.ndarray) -> operating.Sample:
-    """Validation labels and the patient resamples every run's operating point is bootstrapped over."""
-    return operating.Sample.of(y_val, patients, spec.final.bootstrap, spec.seed)
+    """Validation labels and the patient resamples every run's operating point is bootstrapped over.
+    Patient ids as text: the split's ids and the same ids read back from validation_predictions.csv
+    sort alike, so a point chosen post hoc (serve-time policy, an external set's prevalence) is
+    bootstrapped over the same resamples as the study's."""
+    return operating.Sample.of(y_val, np.asarray(patients).astype(str), spec.final.bootstrap, spec.seed)
 
 
 def point_of(run: Run, val: operating.Sample, policy: str, target: float | None,
@@ -319,7 +323,8 @@ def load_study_runs(spec: Spec, sdir: str) -> tuple[dict[tuple[str, int], Run], 
     """The final runs as the internal evaluation chose them (final.csv: operating points;
     validation_predictions.csv: validation probabilities and patients), for scoring new data post
     hoc. A study written before validation patients were recorded bootstraps images instead."""
-    final, val = (storage.read_csv(storage.join(sdir, n)) for n in ("final.csv", "validation_predictions.csv"))
+    final = storage.read_csv(storage.join(sdir, "final.csv"))
+    val = storage.read_csv(storage.join(sdir, "validation_predictions.csv"), dtype={"patient": str, "item": str})
     runs, v = {}, None
     for r in final.itertuples():
         v = val[(val["arm"] == r.arm) & (val["seed"] == r.seed)]

@@ -223,3 +223,14 @@ def test_a_spec_names_prevalences_in_zero_one():
         specs.validate(raw | {"threshold": {"prevalence": 1.5}}, "s.yaml")
     with pytest.raises(specs.SpecError, match=r"external\[0\].prevalence must be in \(0, 1\)"):
         specs.validate(raw | {"external": [{"name": "x", "source": "synthetic", "prevalence": 0}]}, "s.yaml")
+
+
+def test_patient_ids_read_back_as_numbers_draw_the_same_resamples(fake_study_dir):
+    """A post-hoc point (serve-time policy, an external set's prevalence) must be bootstrapped over
+    the study's resamples even when a CSV round trip turned the ids "7", "10" into numbers."""
+    from cxr_ray import evaluation, spec as specs
+    spec = specs.validate_text((fake_study_dir / "spec.yaml").read_text(), str(fake_study_dir))
+    y = np.array([0, 1, 0, 1, 1])
+    as_text = evaluation.validation_sample(spec, y, np.array(["7", "10", "10", "9", "7"]))
+    as_numbers = evaluation.validation_sample(spec, y, np.array([7, 10, 10, 9, 7]))
+    assert np.array_equal(as_text.counts, as_numbers.counts)
