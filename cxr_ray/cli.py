@@ -124,7 +124,8 @@ def _labelled_set(args, name: str):
         raise SpecError(f"{name}: source {args.source} needs the path of its images")
     fmt = _manifest_format(args)
     return External(name, args.source, args.path, args.split, args.synthetic_images, args.synthetic_seed,
-                    args.synthetic_shift, fmt.columns, list(fmt.positive), list(fmt.negative), fmt.root)
+                    args.synthetic_shift, fmt.columns, list(fmt.positive), list(fmt.negative), fmt.root,
+                    args.prevalence)
 
 
 def _study_spec(study_dir: str):
@@ -144,15 +145,17 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from . import external
+    from . import external, operating
     sdir, spec = _study_spec(args.dir)
-    profile = external.calibrate_site(spec, sdir, args.name, _labelled_set(args, args.name), args.policy, args.target)
+    profile = external.calibrate_site(spec, sdir, args.name, _labelled_set(args, args.name), args.policy, args.target,
+                                      prevalence=args.prevalence)
     m = profile["model"]
     classes = ", ".join(f"{n} {c}" for c, n in profile["classes"].items())
     print(f"site {args.name}: {profile['images']} images ({classes}); policy {args.policy}"
           f"{f' {args.target}' if args.target else ''}: threshold {m['threshold']:.4f}"
           f"{' on Platt-calibrated probabilities' if m['platt'] else ''}; on this sample sensitivity "
           f"{m['on_sample']['sensitivity']:.3f}, specificity {m['on_sample']['specificity']:.3f}")
+    print(operating.line(f"site {args.name}", m["point"]))
     print(f"saved {sdir}/sites/{args.name}.json; serve it with: cxr-ray serve {sdir} --site {args.name}")
     print("Report results at this site on other images than this sample: it chose the threshold.")
 
@@ -208,6 +211,13 @@ def _manifest_args(p) -> None:
                    "path may leave it")
 
 
+def _prevalence(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a prevalence is a fraction in (0, 1) (got {text})")
+    return value
+
+
 def _labelled_args(p, path: bool) -> None:
     p.add_argument("--source", choices=data.SOURCES, default="kaggle", help="data source (default: kaggle)")
     if path:
@@ -217,6 +227,8 @@ def _labelled_args(p, path: bool) -> None:
     p.add_argument("--synthetic-seed", type=int, default=1)
     p.add_argument("--synthetic-shift", type=float, default=0.0,
                    help="synthetic source: another exposure and noise level (0: the training site's)")
+    p.add_argument("--prevalence", type=_prevalence, help="the site's expected fraction of pneumonia (default: "
+                   "the study's); adjusts the calibrated policy's point by Bayes' rule, and the report's PPV/NPV")
     _manifest_args(p)
 
 
@@ -333,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", action="store_true",
                    help="serve the mean probability of the arm's final seeds (its seed ensemble)")
     p.add_argument("--site", help="serve at the threshold (and calibration) of this site profile (cxr-ray calibrate)")
+    p.add_argument("--prevalence", type=_prevalence, help="the site's expected fraction of pneumonia: adjusts the "
+                   "calibrated policy's point by Bayes' rule (the other policies do not depend on it)")
     p.add_argument("--threshold-policy", metavar="POLICY[:TARGET]",
                    help="choose the threshold on the study's validation split by youden, calibrated, "
                         "sensitivity:TARGET or specificity:TARGET (default: the study's own)")

@@ -15,7 +15,7 @@ import numpy as np
 
 from ray import tune
 
-from . import storage
+from . import operating, storage
 from .study_layout import diverged, plan_key, trial_label
 
 
@@ -134,3 +134,14 @@ def follow_history(uri: str, stop: threading.Event, name: str, epochs: int) -> N
                     printed = int(m["epoch"])
         if finished:
             return
+
+
+def operating_lines(points, best: dict) -> str:
+    """The served model's operating point and each arm's seed ensemble's (validation_points rows)."""
+    lines = []
+    for row in points.to_dict("records"):
+        served = (row["arm"], row["seed"]) == (best["arm"], best["seed"])
+        if row["seed"] == -1 or served:
+            seed = "seed ensemble" if row["seed"] == -1 else f"seed {row['seed']} (served)"
+            lines.append(operating.line(f"{row['arm']} {seed}", row))
+    return "\n".join(lines)

@@ -3,7 +3,8 @@ the same for every external set, scored once afterwards.
 
 Each arm's best configuration was retrained with every final seed. Each run picks its operating
 point on VALIDATION (spec ``threshold``: Youden, a sensitivity or specificity target, or 0.5 after
-Platt calibration), then is scored on the test split (and later on external sets) as chosen. Per
+Platt calibration; bootstrapped over validation patients, and for Youden made stable, by
+operating.py), then is scored on the test split (and later on external sets) as chosen. Per
 arm we report the mean over seeds, with a 95% CI from resampling *patients* (the seed-mean
 recomputed on each resample), and the seed ensemble (mean probability, its own validation-chosen
 operating point). Against the best arm (highest mean test AUROC) every other arm gets:
@@ -19,12 +20,12 @@ or selects anything; this module needs neither Ray nor torch.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from . import metrics, storage, subgroups
+from . import metrics, operating, storage, subgroups
 from .data import Prepared
 from .errors import CxrError
 from .spec import Spec
@@ -49,23 +50,42 @@ class Run:
     test: np.ndarray  # test probabilities, in split order
     threshold: float  # on the served probability (calibrated when platt is set)
     platt: tuple[float, float] | None
+    points: dict = field(default_factory=dict)  # (policy, target, prevalence) -> operating.Point on validation
 
     def served(self, p: np.ndarray) -> np.ndarray:
         """The probability a user is shown: calibrated if the operating point calibrates."""
         return metrics.apply_platt(p, self.platt)
 
 
-def choose_point(policy: str, target: float | None, y_val: np.ndarray, p_val: np.ndarray) -> tuple[float, tuple | None]:
-    """(threshold on the served probability, Platt parameters or None) chosen on validation."""
-    point = metrics.operating_point(policy, y_val, p_val, target)
-    return (0.5, point["platt"]) if point["platt"] else (point["threshold"], None)
+def validation_sample(spec: Spec, y_val: np.ndarray, patients: np.ndarray) -> operating.Sample:
+    """Validation labels and the patient resamples every run's operating point is bootstrapped over.
+    Patient ids as text: the split's ids and the same ids read back from validation_predictions.csv
+    sort alike, so a point chosen post hoc (serve-time policy, an external set's prevalence) is
+    bootstrapped over the same resamples as the study's."""
+    return operating.Sample.of(y_val, np.asarray(patients).astype(str), spec.final.bootstrap, spec.seed)
+
+
+def point_of(run: Run, val: operating.Sample, policy: str, target: float | None,
+             prevalence: float | None = None) -> operating.Point:
+    """``run``'s operating point by ``policy`` on validation (computed once per run and prevalence:
+    every set's policy table reads it)."""
+    key = (policy, target, prevalence)
+    if key not in run.points:
+        run.points[key] = operating.choose(policy, target, val, run.val, prevalence)
+    return run.points[key]
+
+
+def with_point(run: Run, point: operating.Point) -> Run:
+    """``run`` at ``point`` (its served threshold and calibration)."""
+    run.threshold, run.platt = point.served_threshold, point.platt
+    return run
 
 
 def read_npy(uri: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(uri)))
 
 
-def load_runs(spec: Spec, sdir: str, final_trials: pd.DataFrame, y_val: np.ndarray) -> dict[tuple[str, int], Run]:
+def load_runs(spec: Spec, sdir: str, final_trials: pd.DataFrame, val: operating.Sample) -> dict[tuple[str, int], Run]:
     """(arm, seed) -> the run's last-epoch validation and test probabilities and its operating point."""
     out = {}
     done = final_trials.dropna(subset=["epoch"])
@@ -74,25 +94,27 @@ def load_runs(spec: Spec, sdir: str, final_trials: pd.DataFrame, y_val: np.ndarr
         ckpt = storage.join(sdir, last["checkpoint"])
         if not last["checkpoint"] or not storage.exists(storage.join(ckpt, "test_probabilities.npy")):
             continue  # unfinished run: reported as missing
-        val = read_npy(storage.join(ckpt, "val_probabilities.npy"))
-        threshold, platt = choose_point(spec.threshold.policy, spec.threshold.target, y_val, val)
-        out[(arm, int(seed))] = Run(arm, int(seed), [last["checkpoint"]], float(last["val_auroc"]), val,
-                                    read_npy(storage.join(ckpt, "test_probabilities.npy")), threshold, platt)
+        run = Run(arm, int(seed), [last["checkpoint"]], float(last["val_auroc"]),
+                  read_npy(storage.join(ckpt, "val_probabilities.npy")),
+                  read_npy(storage.join(ckpt, "test_probabilities.npy")), np.nan, None)
+        t = spec.threshold
+        out[(arm, int(seed))] = with_point(run, point_of(run, val, t.policy, t.target, t.prevalence))
     return out
 
 
-def ensembles(spec: Spec, runs: dict[tuple[str, int], Run], y_val: np.ndarray) -> dict[str, Run]:
+def ensembles(spec: Spec, runs: dict[tuple[str, int], Run], val: operating.Sample,
+              prevalence: float | None = None) -> dict[str, Run]:
     """Each arm's seed ensemble: the mean probability of its final runs, with its own operating
-    point chosen on validation by the study's policy."""
+    point chosen on its averaged validation scores by the study's policy (at ``prevalence``)."""
     out = {}
     for arm in spec.arm_names:
         mine = [r for (a, _), r in sorted(runs.items()) if a == arm]
         if not mine:
             continue
-        val = np.mean([r.val for r in mine], axis=0)
-        threshold, platt = choose_point(spec.threshold.policy, spec.threshold.target, y_val, val)
-        out[arm] = Run(arm, -1, [c for r in mine for c in r.checkpoints], metrics.auroc(y_val, val), val,
-                       np.mean([r.test for r in mine], axis=0), threshold, platt)
+        p_val = np.mean([r.val for r in mine], axis=0)
+        run = Run(arm, -1, [c for r in mine for c in r.checkpoints], metrics.auroc(val.y, p_val), p_val,
+                  np.mean([r.test for r in mine], axis=0), np.nan, None)
+        out[arm] = with_point(run, point_of(run, val, spec.threshold.policy, spec.threshold.target, prevalence))
     return out
 
 
@@ -201,15 +223,16 @@ def ensemble_table(y: np.ndarray, counts: np.ndarray, ens: dict[str, Run],
     return pd.DataFrame(rows)
 
 
-def policy_table(y_val: np.ndarray, runs: dict[tuple[str, int], Run], y: np.ndarray,
+def policy_table(val: operating.Sample, runs: dict[tuple[str, int], Run], y: np.ndarray,
                  probs: dict[tuple[str, int], np.ndarray]) -> pd.DataFrame:
     """What each threshold policy costs on a set: per run and policy, the point chosen on validation
-    and the sensitivity/specificity it gives on the set (raw probabilities; Platt keeps their order)."""
+    (operating.choose) and the sensitivity/specificity it gives on the set (raw probabilities; Platt
+    keeps their order)."""
     rows = []
     for (arm, seed), p in sorted(probs.items()):
         for policy, target in POLICY_TABLE:
             try:
-                threshold = metrics.operating_point(policy, y_val, runs[(arm, seed)].val, target)["threshold"]
+                threshold = point_of(runs[(arm, seed)], val, policy, target).threshold
             except metrics.MetricError:  # e.g. no increasing calibration on this validation set
                 continue
             c = metrics.confusion(y, p, threshold)
@@ -219,17 +242,19 @@ def policy_table(y_val: np.ndarray, runs: dict[tuple[str, int], Run], y: np.ndar
 
 
 def write_set(spec: Spec, out: str, columns: dict[str, np.ndarray], runs: dict[tuple[str, int], Run],
-              probs: dict[tuple[str, int], np.ndarray], y_val: np.ndarray, versus: str | None = None) -> dict:
+              probs: dict[tuple[str, int], np.ndarray], val: operating.Sample, versus: str | None = None,
+              prevalence: float | None = None) -> dict:
     """Score one set (``columns``: item, patient, label and any per-image flag, in the order of
     ``probs``) and write its six tables to ``out``: predictions, final (per run), summary, comparison,
-    ensembles, operating_points. One patient-resample matrix serves every table of the set."""
+    ensembles, operating_points. One patient-resample matrix serves every table of the set. The
+    ensembles choose their point at ``prevalence`` (the set's, when it names one)."""
     y = columns["label"]
     counts = metrics.resample_counts(columns["patient"], spec.final.bootstrap, spec.seed)
     tables = score(spec, y, counts, runs, probs, versus)
-    ens = ensembles(spec, runs, y_val)
+    ens = ensembles(spec, runs, val, prevalence)
     ens_probs = {a: np.mean([p for k, p in sorted(probs.items()) if k[0] == a], axis=0) for a in ens}
     tables["ensembles"] = ensemble_table(y, counts, ens, ens_probs)
-    tables["operating_points"] = policy_table(y_val, runs, y, probs)
+    tables["operating_points"] = policy_table(val, runs, y, probs)
     storage.write_csv(storage.join(out, "predictions.csv"), pd.concat([pd.DataFrame(
         {"arm": a, "seed": s, **columns, "probability": runs[(a, s)].served(p), "threshold": runs[(a, s)].threshold})
         for (a, s), p in sorted(probs.items())], ignore_index=True))
@@ -245,15 +270,17 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
     """Score the final runs on the held-out test split; write the evaluation files and best.json."""
     index, val_index = (prepared.cache.index.iloc[prepared.rows[s]] for s in ("test", "val"))
     y, patients, y_val = index["label"].to_numpy(), index["patient"].to_numpy(), val_index["label"].to_numpy()
-    runs = load_runs(spec, sdir, final_trials, y_val)
+    val = validation_sample(spec, y_val, val_index["patient"].to_numpy())
+    runs = load_runs(spec, sdir, final_trials, val)
     if not runs:
         raise EvaluationError(f"{sdir}: no final run produced test predictions; see final_trials.csv and the "
                               f"trials' error.txt under final/")
     storage.write_csv(storage.join(sdir, "validation_predictions.csv"), pd.concat(
         [pd.DataFrame({"arm": a, "seed": s, "item": val_index["item"].to_numpy(), "label": y_val,
-                       "probability": runs[(a, s)].val}) for (a, s) in sorted(runs)], ignore_index=True))
+                       "probability": runs[(a, s)].val, "patient": val_index["patient"].to_numpy()})
+         for (a, s) in sorted(runs)], ignore_index=True))
     tables = write_set(spec, sdir, {"item": index["item"].to_numpy(), "patient": patients, "label": y}, runs,
-                       {k: r.test for k, r in runs.items()}, y_val)
+                       {k: r.test for k, r in runs.items()}, val, prevalence=spec.threshold.prevalence)
     summary, comparison, per_run = tables["summary"], tables["comparison"], tables["per_run"]
     ens = tables["ensemble_runs"]
     best_arm = summary.iloc[0]["arm"]
@@ -266,36 +293,61 @@ def evaluate(spec: Spec, sdir: str, prepared: Prepared, final_trials: pd.DataFra
             "test_metrics_ci": {m: [float(top[f"{m}_ci_low"]), float(top[f"{m}_ci_high"])] for m in metrics.REPORTED},
             "ensemble": {"checkpoints": ens[best_arm].checkpoints, "threshold": ens[best_arm].threshold,
                          "platt": ens[best_arm].platt}}
-    verdict = " ".join([verdict_text(summary, comparison, spec.final.bootstrap)] + caveats(spec, summary))
+    points = validation_points(spec, runs, ens, val)
+    storage.write_csv(storage.join(sdir, "validation_points.csv"), points)
+    served = points[(points.arm == chosen.arm) & (points.seed == chosen.seed)].iloc[0]
+    best["operating"] = {"interval": [float(served["interval_low"]), float(served["interval_high"])],
+                         "interval_logits": float(served["interval_logits"]), "fragile": bool(served["fragile"]),
+                         "prevalence": spec.threshold.prevalence}
+    verdict = " ".join([verdict_text(summary, comparison, spec.final.bootstrap)] + caveats(spec, summary)
+                       + operating.fragile_caveat(served))
     storage.write_json(storage.join(sdir, "best.json"), best | {"verdict": verdict})
     subgroups.write(spec, sdir, "test", index, runs, {k: r.test for k, r in runs.items()}, comparison)
     return {"summary": summary, "comparison": comparison, "best": best, "verdict": verdict, "runs": runs,
-            "y_val": y_val}
+            "val": val, "points": points}
+
+
+def validation_points(spec: Spec, runs: dict[tuple[str, int], Run], ens: dict[str, Run],
+                      val: operating.Sample) -> pd.DataFrame:
+    """Every final run's and seed ensemble's (seed -1) operating point on validation, with its
+    interval, its bootstrap over validation patients and what it costs at the validation and the
+    site's prevalence (validation_points.csv)."""
+    t = spec.threshold
+    rows = [{"arm": r.arm, "seed": r.seed, **point_of(r, val, t.policy, t.target, t.prevalence).row()}
+            for r in [*(runs[k] for k in sorted(runs)), *ens.values()]]
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- external sets
 
-def load_study_runs(spec: Spec, sdir: str) -> tuple[dict[tuple[str, int], Run], np.ndarray]:
+def load_study_runs(spec: Spec, sdir: str) -> tuple[dict[tuple[str, int], Run], operating.Sample]:
     """The final runs as the internal evaluation chose them (final.csv: operating points;
-    validation_predictions.csv: validation probabilities), for scoring new data post hoc."""
-    final, val = (storage.read_csv(storage.join(sdir, n)) for n in ("final.csv", "validation_predictions.csv"))
-    runs, y_val = {}, None
+    validation_predictions.csv: validation probabilities and patients), for scoring new data post
+    hoc. A study written before validation patients were recorded bootstraps images instead."""
+    final = storage.read_csv(storage.join(sdir, "final.csv"))
+    val = storage.read_csv(storage.join(sdir, "validation_predictions.csv"), dtype={"patient": str, "item": str})
+    runs, v = {}, None
     for r in final.itertuples():
         v = val[(val["arm"] == r.arm) & (val["seed"] == r.seed)]
-        y_val = v["label"].to_numpy()
         platt = (float(r.platt_a), float(r.platt_b)) if pd.notna(r.platt_a) else None
         runs[(r.arm, int(r.seed))] = Run(r.arm, int(r.seed), [r.checkpoint], float(r.val_auroc),
                                          v["probability"].to_numpy(), np.zeros(0), float(r.threshold), platt)
-    return runs, y_val
+    patients = v["patient" if "patient" in v else "item"].to_numpy()
+    return runs, validation_sample(spec, v["label"].to_numpy(), patients)
 
 
 def evaluate_external(spec: Spec, sdir: str, name: str, index: pd.DataFrame, probs: dict[tuple[str, int], np.ndarray],
-                      audit: dict) -> dict:
+                      audit: dict, prevalence: float | None = None) -> dict:
     """Score an external set once with every final run (and each arm's seed ensemble) at the points
-    they chose on validation; paired tests against the arm the study chose. ``index`` holds the
+    they chose on validation (adjusted to the set's expected ``prevalence`` where the policy depends
+    on it); paired tests against the arm the study chose. ``index`` holds the
     set's items with the overlap flags of data.audit_overlap; byte-identical copies of the study's
     images are left out, shared patient ids are scored both ways. Writes external/<name>/."""
-    runs, y_val = load_study_runs(spec, sdir)
+    runs, val = load_study_runs(spec, sdir)
+    prevalence = spec.threshold.prevalence if prevalence is None else prevalence
+    if prevalence != spec.threshold.prevalence:
+        for run in runs.values():
+            with_point(run, point_of(run, val, spec.threshold.policy, spec.threshold.target, prevalence))
     chosen = storage.read_json(storage.join(sdir, "best.json"))["arm"]
     keep = ~index["same_bytes"].to_numpy()
     if len(set(index["label"][keep])) < 2:
@@ -306,7 +358,8 @@ def evaluate_external(spec: Spec, sdir: str, name: str, index: pd.DataFrame, pro
     out = storage.join(sdir, "external", name)
     shared = index["shared_patient"].to_numpy()[keep]
     tables = write_set(spec, out, {"item": index["item"].to_numpy()[keep], "patient": patients, "label": y,
-                                   "shared_patient": shared}, runs, mine, y_val, versus=chosen)
+                                   "shared_patient": shared}, runs, mine, val, versus=chosen,
+                    prevalence=prevalence)
     if shared.any() and len(set(y[~shared])) == 2:
         apart = score(spec, y[~shared], metrics.resample_counts(patients[~shared], spec.final.bootstrap, spec.seed),
                       runs, {k: p[~shared] for k, p in mine.items()}, chosen)

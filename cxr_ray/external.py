@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from . import data, evaluation, metrics, spec as specs, storage
+from . import data, evaluation, metrics, operating, spec as specs, storage
 from .errors import CxrError
 
 
@@ -100,14 +100,16 @@ def evaluate_set(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: s
     missing = {k: r.checkpoints[0] for k, r in runs.items() if k not in probs}
     if missing:
         probs |= score_checkpoints(spec, sdir, missing, cache.images)
-    return evaluation.evaluate_external(spec, sdir, ext.name, flagged, probs, summary)
+    return evaluation.evaluate_external(spec, sdir, ext.name, flagged, probs, summary, ext.prevalence)
 
 
 def calibrate_site(spec: specs.Spec, sdir: str, name: str, ext: specs.External, policy: str, target: float | None,
-                   cache_root: str | None = None) -> dict:
+                   cache_root: str | None = None, prevalence: float | None = None) -> dict:
     """Fit the served model's operating point on a labelled sample of a deployment site and store it
-    as the profile ``sites/<name>.json`` (nothing is retrained). The sample must not be the one used
-    to report results at that site: it chose the threshold."""
+    as the profile ``sites/<name>.json`` (nothing is retrained), with its bootstrap over the sample's
+    patients and adjusted to the site's expected ``prevalence`` where the policy depends on it (the
+    sample's own class balance may not be the site's). The sample must not be the one used to report
+    results at that site: it chose the threshold."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise ExternalError(f"site name must be a word of letters, digits, - and _ (got {name!r})")
     best = storage.read_json(storage.join(sdir, "best.json"))
@@ -117,15 +119,17 @@ def calibrate_site(spec: specs.Spec, sdir: str, name: str, ext: specs.External, 
         raise ExternalError(f"site sample {ext.path}: {len(y)} images of a single class; the threshold needs both")
     ensemble = best["ensemble"]["checkpoints"]  # the served model is one of them: each is scored once
     probs = score_checkpoints(spec, sdir, {c: c for c in dict.fromkeys([best["checkpoint"], *ensemble])}, cache.images)
-    profile = {"name": name, "policy": policy, "target": target, "images": len(y),
+    sample = operating.Sample.of(y, cache.index["patient"].to_numpy(), spec.final.bootstrap, spec.seed)
+    profile = {"name": name, "policy": policy, "target": target, "prevalence": prevalence, "images": len(y),
                "classes": {"NORMAL": int((y == 0).sum()), "PNEUMONIA": int((y == 1).sum())},
                "sample": {"source": ext.source, "path": ext.path, "split": ext.split}}
     for model, p in (("model", probs[best["checkpoint"]]), ("ensemble", np.mean([probs[c] for c in ensemble], axis=0))):
         try:
-            threshold, platt = evaluation.choose_point(policy, target, y, p)
+            point = operating.choose(policy, target, sample, p, prevalence)
         except metrics.MetricError as e:
             raise ExternalError(f"site sample {ext.path}: {e}") from None
-        profile[model] = {"threshold": threshold, "platt": platt,
-                          "on_sample": metrics.summary(y, metrics.apply_platt(p, platt), threshold)}
+        profile[model] = {"threshold": point.served_threshold, "platt": point.platt,
+                          "on_sample": metrics.summary(y, metrics.apply_platt(p, point.platt), point.served_threshold),
+                          "point": point.row()}
     storage.write_json(storage.join(sdir, "sites", f"{name}.json"), profile)
     return profile

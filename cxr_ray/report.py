@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import evaluation, failures, figures, metrics, model_card, spec as specs, storage, subgroups
+from . import (evaluation, failures, figures, metrics, model_card, operating, spec as specs, storage,
+               subgroups)
 from .figures import METRIC_LABELS
 from .results import Missing, Study
 
@@ -97,7 +98,54 @@ def verdict(s: Study) -> list[Block]:
     elif s.best.get("arm") != top["arm"]:
         blocks.append(Block("warn", f"best.json names {s.best.get('arm')} as the best arm, but summary.csv ranks "
                                     f"{top['arm']} first: the two files come from different evaluations."))
-    return blocks + [Block("warn", c) for c in evaluation.caveats(s.spec, s.summary)]
+    return blocks + [Block("warn", c) for c in evaluation.caveats(s.spec, s.summary) + served_point_caveat(s)]
+
+
+def served_point_caveat(s: Study) -> list[str]:
+    points, best = s.validation_points, s.best or {}
+    served = None if points is None else points[(points.arm == best.get("arm")) & (points.seed == best.get("seed"))]
+    return [] if served is None or not len(served) else operating.fragile_caveat(served.iloc[0])
+
+
+def operating_points(s: Study) -> list[Block]:
+    """Per final run and seed ensemble: the validation interval of its operating point, the chosen
+    point, what it costs at the validation and the site's prevalence, and where it lands on each
+    external set."""
+    s.need_table(s.validation_points, "validation_points.csv")
+    points, t = s.validation_points, s.spec.threshold
+    youden = t.policy == "youden"
+    table = pd.DataFrame({
+        "arm": points["arm"], "model": np.where(points["seed"] == -1, "ensemble", "seed " + points["seed"].astype(str)),
+        "threshold": points["threshold"], "validation interval": [
+            f"{r.interval_low:.3f}-{r.interval_high:.3f} ({r.interval_logits:.2f} logits{', FRAGILE' if r.fragile else ''})"
+            for r in points.itertuples()],
+        "bootstrap 95%": [f"{r.boot_low:.3f}-{r.boot_high:.3f}" for r in points.itertuples()],
+        "plain rule": points["plain_threshold"], "val sens / spec": [
+            f"{r.val_sensitivity:.3f} / {r.val_specificity:.3f}" for r in points.itertuples()]})
+    for name, pi in (("val", "validation"), ("site", "site")):
+        if points[f"{name}_prevalence"].notna().any():
+            table[f"PPV / NPV / accuracy at {pi} prevalence {points[f'{name}_prevalence'].iloc[0]:.2f}"] = [
+                f"{getattr(r, name + '_expected_ppv'):.3f} / {getattr(r, name + '_expected_npv'):.3f} / "
+                f"{getattr(r, name + '_expected_accuracy'):.3f}" for r in points.itertuples()]
+    named = {e.name: e.prevalence for e in s.spec.external if e.prevalence is not None}
+    for name, ext in s.externals.items():
+        cells = operating.landing(points, name, ext.final, ext.predictions, ext.ensembles)
+        table[f"{name} sens / spec"] = [cells.get((r.arm, int(r.seed)), "–") for r in points.itertuples()]
+        if name in named:
+            costs = [operating.expected(r.val_sensitivity, r.val_specificity, named[name]) for r in points.itertuples()]
+            table[f"PPV / NPV / accuracy at {name} prevalence {named[name]:.2f}"] = [
+                f"{c['ppv']:.3f} / {c['npv']:.3f} / {c['accuracy']:.3f}" for c in costs]
+    interval = "J within one bootstrap SD of its maximum" if youden else "the 95% bootstrap interval of the point"
+    chosen = "its middle on the logit scale" if youden else "the plain rule on all of validation"
+    return [Block("text", f"Every point is chosen on validation by the study's policy "
+                          f"({policy_name(t.policy, t.target)}) and bootstrapped over validation patients "
+                          f"(validation_points.csv). The validation interval holds the thresholds validation cannot "
+                          f"tell apart from the best ({interval}); the chosen point is {chosen}. "
+                          f"An interval wider than {operating.FRAGILE_LOGITS:g} logit is FRAGILE: where the point lands "
+                          f"inside it is not settled by validation. Sensitivity / specificity on each external set at "
+                          f"the point (and at the interval's ends) show what that costs on data collected apart."),
+            Block("table", "Operating points on validation, and where they land (validation_points.csv).",
+                  "validation_points", table)]
 
 
 def search_progress(s: Study) -> str:
@@ -627,8 +675,8 @@ def build(sdir: str) -> tuple[str, list[tuple[str, list[Block]]]]:
     """The report's title and sections for a study directory (nothing written)."""
     s = Study(sdir)
     sections = [("Verdict", verdict), ("Internal vs external", internal_vs_external), ("Fairness audit", fairness),
-                ("Tables", tables), ("Figures", figure_blocks), ("Failure cases", failure_cases),
-                ("Model card", card_blocks), ("Reproduction", reproduction)]
+                ("Operating points", operating_points), ("Tables", tables), ("Figures", figure_blocks),
+                ("Failure cases", failure_cases), ("Model card", card_blocks), ("Reproduction", reproduction)]
     if s.spec.subgroups:
         sections.insert(2, ("Subgroups", subgroup_blocks))
     return f"Study report: {s.spec.name}", [(title, guarded(title, lambda f=f: f(s))) for title, f in sections]

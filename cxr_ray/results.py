@@ -21,7 +21,8 @@ WRITTEN_BY = {
     "trial_summary.csv": "the end of the search phase", "budget.csv": "the end of the search phase",
     "best_configs.json": "the end of the search phase", "final_trials.csv": "the end of the final training phase",
     **{name: "the final evaluation" for name in ("final.csv", "summary.csv", "comparison.csv", "predictions.csv",
-                                                  "best.json", "ensembles.csv", "operating_points.csv")},
+                                                  "best.json", "ensembles.csv", "operating_points.csv",
+                                                  "validation_points.csv")},
     "study.json": "the end of the study",
     "subgroups.csv": "the final evaluation, when the spec names subgroups",
     "subgroup_comparison.csv": "the final evaluation, when the spec names subgroups",
@@ -67,6 +68,7 @@ class Study:
         self.best = self._json("best.json")
         self.ensembles = self._csv("ensembles.csv")
         self.operating_points = self._csv("operating_points.csv")
+        self.validation_points = self._csv("validation_points.csv")
         self.study = self._json("study.json")
         self.subgroups = self._csv("subgroups.csv")
         self.subgroup_comparison = self._csv("subgroup_comparison.csv")
@@ -135,7 +137,7 @@ class External:
     def __init__(self, study: Study, name: str):
         self.name = name
         read = {"csv": study._csv, "json": study._json}
-        for stem, kind in (("summary", "csv"), ("comparison", "csv"), ("predictions", "csv"), ("ensembles", "csv"),
+        for stem, kind in (("summary", "csv"), ("comparison", "csv"), ("predictions", "csv"), ("ensembles", "csv"), ("final", "csv"),
                            ("operating_points", "csv"), ("summary_without_shared_patient_ids", "csv"),
                            ("subgroups", "csv"), ("subgroup_comparison", "csv"),
                            ("audit", "json"), ("verdict", "json")):

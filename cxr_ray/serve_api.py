@@ -64,6 +64,8 @@ class OperatingPoint(BaseModel):
     policy: str = Field(description="youden, sensitivity, specificity or calibrated (see the README)")
     target: float | None = Field(default=None, description="the sensitivity or specificity aimed at")
     site: str | None = Field(default=None, description="the site profile, when one is served")
+    prevalence: float | None = Field(default=None, description="the site's expected prevalence the point was "
+                                     "adjusted for (calibrated policy; Bayes' rule), when one was given")
     chosen_on: str = Field(description="the labelled images the threshold was chosen on")
     platt: tuple[float, float] | None = Field(default=None, description="calibration of the served probability")
 

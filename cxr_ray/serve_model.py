@@ -1,8 +1,8 @@
 """Which model a server serves, and at which operating point, from a study directory's files alone
 (no torch, no Ray): the best arm's best seed, a named arm's, that arm's seed ensemble, or one
 checkpoint; at the threshold the study chose on validation, at a serve-time threshold policy that
-the evaluation layer chooses on the same validation split, or at a deployment site's profile
-(``cxr-ray calibrate``)."""
+the evaluation layer chooses on the same validation split (at a site's expected prevalence, where
+the policy depends on it: operating.py), or at a deployment site's profile (``cxr-ray calibrate``)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import evaluation, metrics, model_card, storage
+from . import evaluation, metrics, model_card, operating, storage
 from .errors import CxrError
 from .study_layout import finished_study, read_spec
 
@@ -47,13 +47,17 @@ def threshold_policy(text: str) -> tuple[str, float | None]:
 
 
 def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoint: str | None = None,
-                 ensemble: bool = False, site: str | None = None, policy: str | None = None) -> ModelChoice:
+                 ensemble: bool = False, site: str | None = None, policy: str | None = None,
+                 prevalence: float | str | None = None) -> ModelChoice:
     """What to serve: a finished study's best model (or its named arm's best final run), that arm's
     seed ensemble, or one checkpoint; at the operating point the study chose on validation, a
-    serve-time ``policy`` chosen on the same validation split, or a deployment ``site``'s profile."""
+    serve-time ``policy`` chosen on the same validation split (at the site's expected ``prevalence``
+    when given), or a deployment ``site``'s profile."""
+    prevalence = _prevalence(prevalence)
     if checkpoint:
-        if ensemble or site or policy:
-            raise ServingError("--ensemble, --site and --threshold-policy need a study directory, not --checkpoint")
+        if ensemble or site or policy or prevalence is not None:
+            raise ServingError("--ensemble, --site, --threshold-policy and --prevalence need a study directory, "
+                               "not --checkpoint")
         local = storage.local_dir(storage.normalize(checkpoint))
         meta = json.loads(Path(local, "meta.json").read_text())
         return ModelChoice([local], {"study": meta.get("study"), "arm": meta.get("arm"),
@@ -78,12 +82,17 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
     else:
         threshold, platt = float(members.iloc[0]["threshold"]), _platt(members.iloc[0])
     point = {"policy": best["policy"]["policy"], "target": best["policy"]["target"],
-             "chosen_on": "the study's validation split"}
-    if policy:
-        name, target = threshold_policy(policy)
-        threshold, platt = _serve_time_point(sdir, arm, [int(s) for s in members["seed"]], name, target)
+             "prevalence": best.get("operating", {}).get("prevalence"), "chosen_on": "the study's validation split"}
+    if policy or prevalence is not None:
+        name, target = threshold_policy(policy) if policy else (point["policy"], point["target"])
+        threshold, platt = _serve_time_point(sdir, arm, [int(s) for s in members["seed"]], name, target, prevalence)
         point = {"policy": name, "target": target, "chosen_on": "the study's validation split (at serve time)"}
+        if prevalence is not None:
+            point["prevalence"] = prevalence
     if site:
+        if prevalence is not None:
+            raise ServingError(f"site {site}'s profile was fitted at its own prevalence: give --prevalence to "
+                               f"cxr-ray calibrate, not with --site")
         if arm != best["arm"]:
             raise ServingError(f"site profiles are fitted for the study's served arm {best['arm']}, not {arm}")
         uri = storage.join(sdir, "sites", f"{site}.json")
@@ -95,6 +104,7 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
         fitted = profile["ensemble" if ensemble else "model"]
         threshold, platt = fitted["threshold"], tuple(fitted["platt"]) if fitted["platt"] else None
         point = {"policy": profile["policy"], "target": profile["target"], "site": site,
+                 "prevalence": profile.get("prevalence"),
                  "chosen_on": f"site {site}'s sample of {profile['images']} images"}
     external = {}
     for name in storage.listdir(storage.join(sdir, "external")):
@@ -111,16 +121,30 @@ def choose_model(study_dir: str | None = None, arm: str | None = None, checkpoin
                        model_card.for_model(sdir, identity))
 
 
-def _serve_time_point(sdir: str, arm: str, seeds: list[int], policy: str,
-                      target: float | None) -> tuple[float, tuple | None]:
-    """The served model's (mean of ``seeds``') operating point by ``policy``, chosen by the evaluation
-    layer on the study's validation split, as the study chose its own."""
-    runs, y_val = evaluation.load_study_runs(read_spec(sdir), sdir)
+def _serve_time_point(sdir: str, arm: str, seeds: list[int], policy: str, target: float | None,
+                      prevalence: float | None) -> tuple[float, tuple | None]:
+    """The served model's (mean of ``seeds``') operating point by ``policy`` at ``prevalence``, chosen
+    on the study's validation split as the study chose its own (same patients, same resamples)."""
+    runs, val = evaluation.load_study_runs(read_spec(sdir), sdir)
     p_val = np.mean([runs[(arm, seed)].val for seed in seeds], axis=0)
     try:
-        return evaluation.choose_point(policy, target, y_val, p_val)
+        point = operating.choose(policy, target, val, p_val, prevalence)
     except metrics.MetricError as e:
         raise ServingError(f"{sdir}: threshold policy {policy} on arm {arm}'s validation scores: {e}") from None
+    return point.served_threshold, point.platt
+
+
+def _prevalence(value: float | str | None) -> float | None:
+    """A site's expected prevalence from the command line or serve_app's arguments (text)."""
+    if value is None:
+        return None
+    try:
+        prevalence = float(value)
+    except ValueError:
+        prevalence = float("nan")
+    if not 0 < prevalence < 1:
+        raise ServingError(f"prevalence {value!r}: give the site's expected fraction of pneumonia, in (0, 1)")
+    return prevalence
 
 
 def _platt(row) -> tuple[float, float] | None:

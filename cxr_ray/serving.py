@@ -242,7 +242,7 @@ def _names(value) -> tuple[str, ...]:
 
 def build(study_dir: str | None = None, arm: str | None = None, checkpoint: str | None = None,
           ensemble: bool = False, site: str | None = None, threshold_policy: str | None = None,
-          replicas: str | int = 1, max_replicas: int = 4, max_batch_size: int = MAX_BATCH_SIZE,
+          prevalence: float | str | None = None, replicas: str | int = 1, max_replicas: int = 4, max_batch_size: int = MAX_BATCH_SIZE,
           batch_wait_ms: float = BATCH_WAIT_MS, gpus_per_replica: float = 0, max_upload_mb: float = Limits.max_upload_mb,
           upload_timeout_s: float = Limits.upload_timeout_s, decode_timeout_s: float = Limits.decode_timeout_s,
           decode_workers: int = Limits.decode_workers, inflight_mb: float = Limits.inflight_mb,
@@ -256,7 +256,7 @@ def build(study_dir: str | None = None, arm: str | None = None, checkpoint: str 
     they get 503 with Retry-After.
     """
     choice = choose_model(study_dir, arm, checkpoint, ensemble=str(ensemble).lower() in ("true", "1", "yes"),
-                          site=site, policy=threshold_policy)
+                          site=site, policy=threshold_policy, prevalence=prevalence)
     limits = Limits(max_upload_mb=float(max_upload_mb), upload_timeout_s=float(upload_timeout_s),
                     decode_timeout_s=float(decode_timeout_s), decode_workers=int(decode_workers),
                     inflight_mb=float(inflight_mb), allowed_hosts=_names(allowed_hosts),

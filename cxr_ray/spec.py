@@ -129,6 +129,7 @@ class Threshold:
     """How each final run picks its operating point on validation (metrics.operating_point)."""
     policy: str = "youden"
     target: float | None = None  # the sensitivity or specificity to reach, for those policies
+    prevalence: float | None = None  # the served site's expected prevalence (operating.py: which policies use it)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class External(LabelledSet):
     positive: list = field(default_factory=_positive)
     negative: list = field(default_factory=_negative)
     root: str | None = None
+    prevalence: float | None = None  # this set's expected prevalence (default: threshold.prevalence)
 
     @property
     def synthetic_set(self) -> SyntheticSet:
@@ -445,6 +447,8 @@ def validate(raw: dict, file: str = "spec") -> Spec:
                         f"policy sensitivity or specificity (policy {t.policy})")
     if t.target is not None and not 0 < t.target < 1:
         raise SpecError(f"{file}: threshold.target must be in (0, 1) (got {t.target})")
+    if t.prevalence is not None and not 0 < t.prevalence < 1:
+        raise SpecError(f"{file}: threshold.prevalence must be in (0, 1) (got {t.prevalence})")
 
     f = sections["final"]
     if not f.seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in f.seeds):
@@ -501,6 +505,8 @@ def _externals(given, file: str) -> list[External]:
         if ext.name in [e.name for e in out]:
             raise SpecError(f"{file}: external[{i}]: duplicate name {ext.name!r}")
         _check_labelled(ext, f"external[{i}]", file)
+        if ext.prevalence is not None and not 0 < ext.prevalence < 1:
+            raise SpecError(f"{file}: external[{i}].prevalence must be in (0, 1) (got {ext.prevalence})")
         out.append(ext)
     return out
 
@@ -591,8 +597,9 @@ def _arms(given, pretrained: bool | str, unmatched: bool, max_epochs: int, file:
 
 
 def _identity(raw: dict) -> dict:
-    """What a spec's hash digests: ``raw`` without the keys added since studies were first hashed,
-    where they hold their defaults, so a study that does not use them keeps the hash it always had."""
+    """What a spec's hash digests: ``raw`` without the keys added since studies were first hashed
+    (manifest reading, subgroups, prevalence) where they hold their defaults, so a study that does
+    not use them keeps the hash it always had."""
     out = copy.deepcopy(raw)
     for key, default in SUBGROUP_DEFAULTS.items():
         if out.get(key, default) == default:
@@ -601,6 +608,9 @@ def _identity(raw: dict) -> dict:
         for key, default in MANIFEST_DEFAULTS.items():
             if key in section and section[key] == default:
                 del section[key]
+    for section in [out.get("threshold", {}), *out.get("external", [])]:
+        if "prevalence" in section and section["prevalence"] is None:
+            del section["prevalence"]
     return out
 
 

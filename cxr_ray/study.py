@@ -402,6 +402,7 @@ def execute(spec: specs.Spec, sdir: str, *, report: bool = True, verbose: bool =
 
     # Phase 4: evaluation on the held-out test split, then each external set, scored once.
     outcome = evaluation.evaluate(spec, sdir, prepared, final_trials)
+    print("\n" + console.operating_lines(outcome["points"], outcome["best"]), flush=True)
     verdicts = [outcome["verdict"]]
     for ext in spec.external:
         done = storage.join(sdir, "external", ext.name, "verdict.json")

@@ -231,10 +231,12 @@ def served(study, study_env, local_ray):
     sdir, _ = study
     calibrate = subprocess.run(CLI + ["calibrate", str(sdir), "--name", "siteA", "--source", "synthetic",
                                       "--synthetic-seed", "7", "--synthetic-shift", "1.0", "--synthetic-images", "150",
-                                      "--policy", "specificity", "--target", "0.9"],
+                                      "--policy", "specificity", "--target", "0.9", "--prevalence", "0.4"],
                                env=study_env, capture_output=True, text=True, timeout=300)
     assert calibrate.returncode == 0, calibrate.stderr[-3000:]
     assert "must not" in calibrate.stdout or "other images than this sample" in calibrate.stdout
+    assert "operating point  site siteA: specificity 0.9 threshold" in calibrate.stdout
+    assert "at prevalence 0.40 (site) PPV" in calibrate.stdout
     port = runtime.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(serving.build(str(sdir), ensemble=True), name="ensemble", route_prefix="/ensemble")
@@ -276,6 +278,9 @@ def test_site_profile_round_trip(study, served):
     info = requests.get(f"{served}/site/v1/model", timeout=30).json()
     assert info["threshold"] == pytest.approx(profile["model"]["threshold"])
     assert info["operating_point"]["site"] == "siteA" and "150 images" in info["operating_point"]["chosen_on"]
+    assert profile["prevalence"] == info["operating_point"]["prevalence"] == 0.4  # specificity: the point stays
+    point = profile["model"]["point"]
+    assert point["threshold"] == pytest.approx(profile["model"]["threshold"]) and point["site_prevalence"] == 0.4
     default = serve_model.choose_model(str(sdir))
     assert info["threshold"] != pytest.approx(default.threshold)  # the site moved it
     labels = []

@@ -15,8 +15,8 @@ from PIL import Image
 from conftest import FAKE_BEST_ARM, headless_tab, write_fake_study
 from cxr_ray import report, storage
 
-SECTIONS = ["Verdict", "Internal vs external", "Fairness audit", "Tables", "Figures", "Failure cases", "Model card",
-            "Reproduction"]
+SECTIONS = ["Verdict", "Internal vs external", "Fairness audit", "Operating points", "Tables", "Figures",
+            "Failure cases", "Model card", "Reproduction"]
 FIGURES = ["learning_curves", "rung_survival", "test_auroc", "roc", "cost", "sensitivity", "calibration"]
 ARMS = ["resnet18", "densenet", "effnet"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
