@@ -155,7 +155,7 @@ def grid_png(fs: FailureSet, tiles: list[np.ndarray], heat: list, arm: str, seed
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .serve_predictor import overlay
+    from .imaging import overlay
     per_row = max(4, min(PER_KIND, fs.cases["error"].value_counts().max()))  # 4: room for the title
     meta = [c for c in fs.cases.columns if c not in TABLE_COLUMNS]
     fig = Figure(figsize=(1.9 * per_row, 2 * (2.3 + 0.16 * len(meta))), dpi=100, layout="constrained")

@@ -412,3 +412,13 @@ def serve_worker(size: int, memory_mb: int) -> None:
 
 if __name__ == "__main__":
     serve_worker(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def overlay(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """A heat map in [0, 1] blended over a uint8 gray image: RGB uint8, hotter is more opaque
+    (the server's /v1/explain and the report's failure grids; no torch)."""
+    from matplotlib import colormaps
+    rgb = np.repeat(gray[..., None] / 255.0, 3, axis=2)
+    colour = colormaps["inferno"](heat)[..., :3]
+    alpha = 0.45 * heat[..., None]
+    return (((1 - alpha) * rgb + alpha * colour) * 255).round().astype(np.uint8)

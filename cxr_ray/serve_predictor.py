@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import imaging, metrics, models
+from .imaging import overlay
 from .data import CLASSES
 from .serve_limits import image_error
 from .serve_model import ModelChoice, ServingError
@@ -93,15 +94,6 @@ class Predictor:
         cam = torch.stack(cams).mean(0).cpu().numpy()
         cam = cam / cam.max() if cam.max() > 0 else cam
         return cam, float(metrics.apply_platt([np.mean(probs)], self.platt)[0])
-
-
-def overlay(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """A heat map in [0, 1] blended over a uint8 gray image: RGB uint8, hotter is more opaque."""
-    from matplotlib import colormaps
-    rgb = np.repeat(gray[..., None] / 255.0, 3, axis=2)
-    colour = colormaps["inferno"](heat)[..., :3]
-    alpha = 0.45 * heat[..., None]
-    return (((1 - alpha) * rgb + alpha * colour) * 255).round().astype(np.uint8)
 
 
 def overlay_png(gray: np.ndarray, heat: np.ndarray, scale: int = 4) -> bytes:
