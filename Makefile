@@ -13,7 +13,13 @@ $(BIN)/cxr-ray: pyproject.toml
 
 install: $(BIN)/cxr-ray
 
-demo: install
+# The quickstart's external site: synthetic PNG films and their manifest (studies/quickstart.yaml).
+SITE := runs/sites/othersite
+
+$(SITE)/manifest.csv: | $(BIN)/cxr-ray
+	$(BIN)/cxr-ray data synthetic $(SITE)
+
+demo: install $(SITE)/manifest.csv
 	$(BIN)/cxr-ray study run studies/quickstart.yaml
 
 test: install

@@ -14,6 +14,7 @@ resumes from its last epoch's checkpoint, so nothing is lost if the process stop
     .venv/bin/python benchmarks/recipe_proxy.py --out DIR table                    # variants, ensembles, TTA
     .venv/bin/python benchmarks/recipe_proxy.py --out DIR thresholds [VARIANT ...]  # threshold rules, cross-fitted
     .venv/bin/python benchmarks/recipe_proxy.py --out DIR check                    # ONCE, after choosing: test, shared third
+    .venv/bin/python benchmarks/recipe_proxy.py --study runs/kaggle_cpu study     # a finished study's runs on the view
 
 Figures only: nothing here asserts. Timings are contended on a shared machine (``machine()`` says how).
 """
@@ -455,12 +456,76 @@ def check(out: Path) -> None:
                                           f"{r.external_specificity:.3f}" for r in g.itertuples()))
 
 
+def study(run: Path) -> None:
+    """A finished study of studies/kaggle_cpu.yaml (default runs/kaggle_cpu): each final run, its seed
+    ensemble and the served model on validation, on the view of validation, on the internal test split and
+    on its view, each at the threshold the study chose on validation (final.csv, best.json). The study's
+    own figures come from its report; this adds the view's, from training data alone."""
+    import json
+
+    from cxr_ray import metrics, models
+    from cxr_ray import spec as specs
+    spec = specs.load(run / "spec.yaml")
+    prep = prepared(spec.data.image_size)
+    split = pd.read_csv(run / "split.csv")
+    items = prep.cache.index["item"].to_numpy()
+    for name in ("val", "test"):  # the same split as the study's, or the figures would mean nothing
+        assert set(items[prep.rows[name]]) == set(split.loc[split["split"] == name, "item"]), name
+    images, labels = np.asarray(prep.cache.images), prep.cache.index["label"].to_numpy().astype(int)
+    sets = {}
+    for name in ("val", "test"):
+        x = images[prep.rows[name]]
+        sets[name], sets[f"{name}_view"] = (x, labels[prep.rows[name]]), (proxy_views(x), np.tile(
+            labels[prep.rows[name]], len(VIEW_SEEDS)))
+    final = pd.read_csv(run / "final.csv")
+    keys = [f"{r.arm}/{r.seed}" for r in final.itertuples()]
+    stacked = np.concatenate([x for x, _ in sets.values()])
+    t0 = time.time()
+    scored = models.predict_checkpoints({k: str(run / c) for k, c in zip(keys, final["checkpoint"])}, stacked)
+    print(f"scored {len(keys)} checkpoints on {len(stacked)} films in {time.time() - t0:.1f} s", flush=True)
+    bounds = np.cumsum([0] + [len(x) for x, _ in sets.values()])
+    probs = {k: {name: scored[k][a:b] for name, a, b in zip(sets, bounds[:-1], bounds[1:])} for k in keys}
+    best = json.loads((run / "best.json").read_text())
+    models_at = [(k, k, t) for k, t in zip(keys, final["threshold"])]
+    for arm in final["arm"].unique():  # the seed ensemble: mean probability, at the served arm's ensemble threshold
+        members = [k for k in keys if k.startswith(f"{arm}/")]
+        probs[f"{arm}/ensemble"] = {n: np.mean([probs[k][n] for k in members], axis=0) for n in sets}
+        if arm == best["arm"]:
+            models_at.append((f"{arm}/ensemble", f"{arm}/ensemble", best["ensemble"]["threshold"]))
+    rows = []
+    for label, key, t in models_at:
+        row = {"model": label, "served": label == f"{best['arm']}/{best['seed']}", "threshold": t}
+        for name, (_, y) in sets.items():
+            c = metrics.confusion(y, probs[key][name], t)
+            row |= {f"{name}_auroc": metrics.auroc(y, probs[key][name]), f"{name}_accuracy": c["accuracy"],
+                    f"{name}_sensitivity": c["sensitivity"], f"{name}_specificity": c["specificity"]}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df.to_csv(run / "proxy.csv", index=False)
+    print(f"{run.name}: validation ({len(sets['val'][1])} films), its view (x{len(VIEW_SEEDS)}), internal test "
+          f"({len(sets['test'][1])}) and its view, each model at its own threshold from validation -> {run / 'proxy.csv'}")
+    print(f"{'model':<30}{'thr':>6} | {'val AUROC':>9}{'acc':>7} | {'view AUROC':>10}{'acc':>7}{'sens':>7}{'spec':>7} | "
+          f"{'test AUROC':>10}{'acc':>7} | {'view AUROC':>10}{'acc':>7}{'spec':>7}")
+    for r in df.itertuples():
+        print(f"{r.model + (' (served)' if r.served else ''):<30}{r.threshold:>6.3f} | {r.val_auroc:>9.4f}"
+              f"{r.val_accuracy:>7.3f} | {r.val_view_auroc:>10.4f}{r.val_view_accuracy:>7.3f}"
+              f"{r.val_view_sensitivity:>7.3f}{r.val_view_specificity:>7.3f} | {r.test_auroc:>10.4f}"
+              f"{r.test_accuracy:>7.3f} | {r.test_view_auroc:>10.4f}{r.test_view_accuracy:>7.3f}"
+              f"{r.test_view_specificity:>7.3f}")
+    for arm, g in df[~df["model"].str.endswith("ensemble")].groupby(df["model"].str.split("/").str[0], sort=False):
+        print(f"  {arm}: mean of {len(g)} seeds: view of validation AUROC {g['val_view_auroc'].mean():.4f}, "
+              f"accuracy {g['val_view_accuracy'].mean():.3f}, specificity {g['val_view_specificity'].mean():.3f}; "
+              f"view of test AUROC {g['test_view_auroc'].mean():.4f}, accuracy {g['test_view_accuracy'].mean():.3f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "recipe_proxy",
                         help="where runs, probabilities and runs.csv go (default runs/recipe_proxy)")
-    parser.add_argument("command", choices=("cues", "train", "ablate", "table", "thresholds", "check"))
+    parser.add_argument("--study", type=Path, default=ROOT / "runs" / "kaggle_cpu",
+                        help="study: the finished study of studies/kaggle_cpu.yaml to score (default runs/kaggle_cpu)")
+    parser.add_argument("command", choices=("cues", "train", "ablate", "table", "thresholds", "check", "study"))
     parser.add_argument("variants", nargs="*", help=f"train only these, in this order: variants "
                         f"({', '.join(VARIANTS)}) or single runs (VARIANT-sSEED)")
     args = parser.parse_args()
@@ -475,7 +540,7 @@ def main() -> int:
     {"cues": lambda: cues(BASE["image_size"]), "train": lambda: train(args.out, args.variants),
      "ablate": lambda: ablate(args.out, args.variants),
      "table": lambda: table(args.out), "thresholds": lambda: thresholds(args.out, args.variants),
-     "check": lambda: check(args.out)}[args.command]()
+     "check": lambda: check(args.out), "study": lambda: study(args.study)}[args.command]()
     return 0
 
 

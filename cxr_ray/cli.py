@@ -68,6 +68,16 @@ def cmd_data_manifest(args) -> None:
     print(f"sidecar {args.out}.json; use it with: cxr-ray data check --source manifest --path {args.out}")
 
 
+def cmd_data_synthetic(args) -> None:
+    from .synthetic import SyntheticSet, write_site
+    drawn = SyntheticSet(args.images, args.seed, args.shift)
+    c = write_site(args.folder, drawn, args.size)["counts"]
+    table = os.path.join(args.folder, "manifest.csv")
+    print(f"{table}: {c['images']} SYNTHETIC images (not medical data) of {c['patients']} patients ({c['negative']} "
+          f"NORMAL, {c['positive']} PNEUMONIA), {args.size} px PNG, site {drawn.site}, with sex, age and view columns")
+    print(f"use it as an external set: {{name: ..., source: manifest, path: {table}}}")
+
+
 def cmd_train(args) -> None:
     import threading
 
@@ -263,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "negative")
     p.add_argument("--views", help="keep only these views, comma-separated (e.g. PA,AP)")
     p.set_defaults(func=cmd_data_manifest)
+    p = d.add_parser("synthetic", help="write synthetic demo films as PNG files with a manifest (path, label, patient, "
+                                       "site, sex, age, view): a site's files without medical data")
+    p.add_argument("folder", help="where images/ and manifest.csv go")
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--seed", type=int, default=5, help="drawing seed (the study's own data is seed 0)")
+    p.add_argument("--shift", type=float, default=1.0, help="another exposure and noise level (0: the training site's)")
+    p.add_argument("--size", type=int, default=128, help="side of each PNG in pixels")
+    p.set_defaults(func=cmd_data_synthetic)
 
     p = sub.add_parser("train", help="fine-tune one configuration with Ray Train")
     _data_args(p, "--data")

@@ -146,3 +146,32 @@ def render(item: SyntheticItem, seed: int, size: int, shift: float = 0.0) -> np.
     img = np.clip(img, 0, 1) ** (rng.uniform(0.75, 1.35) * (1 + 0.4 * shift))
     img += rng.normal(0, rng.uniform(0.01, 0.04) + 0.03 * shift, img.shape)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_site(folder: str, drawn: SyntheticSet, size: int = 128) -> dict:
+    """Write a synthetic set as a site would send it: ``folder``/images/*.png and ``folder``/manifest.csv
+    (path, label, patient, site, sex, age, view) with its sidecar, so that the manifest path (and the
+    metadata a subgroup table needs) can be tried end to end without medical data."""
+    import os
+
+    import pandas as pd
+    from PIL import Image
+
+    from . import manifest
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    items = listing(drawn.images, drawn.seed)
+    for it in items:
+        Image.fromarray(render(it, drawn.seed, size, drawn.shift)).save(os.path.join(folder, "images", it.name))
+    table = pd.DataFrame({"path": [os.path.join(folder, "images", it.name) for it in items],
+                          "label": ["PNEUMONIA" if it.label else "NORMAL" for it in items],
+                          "patient": [it.patient for it in items], "site": drawn.site,
+                          "sex": [it.sex for it in items], "age": [it.age for it in items],
+                          "view": [it.view for it in items]})
+    positive = sum(it.label for it in items)
+    info = {"command": f"cxr-ray data synthetic --images {drawn.images} --seed {drawn.seed} --shift {drawn.shift:g} "
+                       f"--size {size}",
+            "source": f"cxr_ray.synthetic v{GENERATOR_VERSION}",
+            "counts": {"images": len(items), "patients": len({it.patient for it in items}),
+                       "positive": positive, "negative": len(items) - positive},
+            "notes": ["SYNTHETIC demo images drawn by cxr_ray.synthetic: not medical data"]}
+    return manifest.write(table, os.path.join(folder, "manifest.csv"), info)

@@ -627,6 +627,26 @@ def test_a_converter_names_a_missing_column(tmp_path):
         archives.convert("chexpert", str(root), str(tmp_path / "m.csv"))
 
 
+def test_data_synthetic_writes_a_site_a_manifest_reads_back_exactly(tmp_path, capsys):
+    """`cxr-ray data synthetic` (how `make demo` makes the quickstart's external site): PNG files whose
+    pixels are the drawings, and a manifest whose labels, patients and metadata are the drawings' own."""
+    cli.main(["data", "synthetic", str(tmp_path / "site"), "--images", "30", "--seed", "4", "--shift", "0.5",
+              "--size", "40"])
+    assert "30 SYNTHETIC images (not medical data)" in capsys.readouterr().out
+    source = data.list_source("manifest", str(tmp_path / "site" / "manifest.csv"))
+    drawn = synthetic.SyntheticSet(30, 4, 0.5)
+    items = synthetic.listing(30, 4)
+    got = source.items
+    assert list(got["label"]) == [it.label for it in items] and list(got["patient"]) == [it.patient for it in items]
+    assert list(got["sex"]) == [it.sex for it in items] and list(got["age"]) == [it.age for it in items]
+    assert list(got["view"]) == [it.view for it in items] and set(got["site"]) == {drawn.site}
+    for i in (0, 29):
+        decoded = imaging.to_pixels((tmp_path / "site" / got["item"].iat[i]).read_bytes(), 40)
+        assert np.array_equal(decoded.pixels, synthetic.render(items[i], 4, 40, 0.5))
+    assert any("written by `cxr-ray data synthetic --images 30 --seed 4 --shift 0.5 --size 40`" in n
+               for n in source.notes)
+
+
 # ----------------------------------------------------------------------------- a study from manifests
 
 STUDY = """
@@ -641,6 +661,8 @@ fixed: {{batch_size: 32}}
 budget: {{samples_per_arm: 2, max_epochs: 2, grace_period: 2}}
 resources: {{workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}}
 final: {{seeds: [0], bootstrap: 100}}
+subgroups: [sex, view, age_band]
+subgroup_min: 10
 external:
   - {{name: siteB, source: manifest, path: {external}}}
 """
@@ -649,16 +671,18 @@ external:
 @pytest.mark.e2e
 def test_a_study_runs_end_to_end_from_manifests_with_the_cache_memory_mapped(tmp_path, study_env):
     """Synthetic PNGs listed by a manifest (metadata, a pre-assigned test split) train a tiny study whose
-    external set is a manifest too. The shipping limit is set to 0, so every trial memory-maps the
-    cache file instead of receiving the array through the object store."""
+    external set is the manifest `cxr-ray data synthetic` writes (as the quickstart's site is made), with
+    subgroups scored from its metadata columns. The shipping limit is set to 0, so every trial
+    memory-maps the cache file instead of receiving the array through the object store."""
     site_a = write_images(tmp_path / "a", n=300, seed=0)
     patients = list(dict.fromkeys(site_a["patient"]))
     site_a["split"] = np.where(site_a["patient"].isin(patients[-20:]), "test", "")
     site_a = site_a.rename(columns={"label": "finding", "patient": "subject"})
     site_a["finding"] = np.where(site_a["finding"] == 1, "pneumonia", "normal")
-    site_b = write_images(tmp_path / "b", n=120, seed=5).assign(site="B")
+    subprocess.run(CLI + ["data", "synthetic", str(tmp_path / "b"), "--images", "120", "--size", "40"], check=True,
+                   capture_output=True)
     spec = tmp_path / "study.yaml"
-    spec.write_text(STUDY.format(train=table_at(tmp_path / "a", site_a), external=table_at(tmp_path / "b", site_b)))
+    spec.write_text(STUDY.format(train=table_at(tmp_path / "a", site_a), external=tmp_path / "b" / "manifest.csv"))
     run = subprocess.run(CLI + ["study", "run", str(spec), "--out", str(tmp_path / "study")],
                          env=study_env | {"CXR_RAY_SHIP_LIMIT_MB": "0"}, capture_output=True, text=True, timeout=900,
                          start_new_session=True)
@@ -678,8 +702,16 @@ def test_a_study_runs_end_to_end_from_manifests_with_the_cache_memory_mapped(tmp
     assert {"site", "sex", "age", "view", "same_bytes", "shared_patient"} <= set(ext.columns)
     scored = pd.read_csv(sdir / "external" / "siteB" / "predictions.csv").merge(ext, on="item")
     assert len(scored) == len(pd.read_csv(sdir / "external" / "siteB" / "predictions.csv"))
-    assert set(scored["site"]) == {"B"}
+    assert set(scored["site"]) == {"synthetic-5-shift1"}
     report = json.loads((sdir / "data_report.json").read_text())
     assert report["source"] == "manifest" and report["split_level"] == "patient"
     assert {g["split"] for g in report["composition"]["groups"]} == {"train", "val", "test"}
-    assert report["external"]["siteB"]["composition"]["groups"][0]["site"] == "B"
+    assert report["external"]["siteB"]["composition"]["groups"][0]["site"] == "synthetic-5-shift1"
+    # the external site's subgroups come from its manifest's columns, scored on its images
+    groups = pd.read_csv(sdir / "external" / "siteB" / "subgroups.csv").set_index(["column", "level"])
+    females = ext[ext["item"].isin(scored["item"]) & (ext["sex"] == "F")]
+    assert groups.loc[("sex", "F"), "n_images"] == len(females) > 0
+    assert groups.loc[("sex", "F"), "n_patients"] == females["patient"].nunique()
+    assert set(groups.loc["view"].index) == {"AP", "PA"} and (groups.loc["view", "status"] == "scored").all()
+    assert groups.loc["age_band", "n_images"].sum() == len(scored)
+    assert "Subgroups" in (sdir / "report" / "index.html").read_text()

@@ -561,6 +561,17 @@ def test_shipped_spec_loads(path):
     study.search_plans(spec, configs)  # every trial of the search has a valid TrainConfig
 
 
+def test_make_demo_writes_the_external_site_the_quickstart_reads_before_running_it():
+    """The quickstart's external set is a manifest of files on disk: `make demo` must make that very table."""
+    makefile = (STUDIES.parent / "Makefile").read_text()
+    site = re.search(r"^SITE := (\S+)$", makefile, re.M).group(1)
+    assert re.search(r"^\$\(SITE\)/manifest.csv:.*\n\t\$\(BIN\)/cxr-ray data synthetic \$\(SITE\)$", makefile, re.M)
+    assert re.search(r"^demo: .*\$\(SITE\)/manifest.csv", makefile, re.M)
+    quickstart = load(STUDIES / "quickstart.yaml")
+    assert [(e.source, e.path) for e in quickstart.external] == [("manifest", f"{site}/manifest.csv")]
+    assert "site" in quickstart.subgroups
+
+
 def test_a_study_keeps_its_hash_when_new_defaults_appear(tmp_path):
     """A spec.yaml written before a default key existed still loads, with its original identity."""
     spec = load_text(VALID)
