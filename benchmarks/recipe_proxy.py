@@ -465,7 +465,7 @@ def study(run: Path) -> None:
 
     from cxr_ray import metrics, models
     from cxr_ray import spec as specs
-    spec = specs.load(run / "spec.yaml")
+    spec = specs.validate_text((run / "spec.yaml").read_text(), str(run / "spec.yaml"))
     prep = prepared(spec.data.image_size)
     split = pd.read_csv(run / "split.csv")
     items = prep.cache.index["item"].to_numpy()
