@@ -338,7 +338,8 @@ def write(table: pd.DataFrame, out: str, info: dict) -> dict:
     folder = os.path.dirname(os.path.abspath(out))
     if not storage.is_remote(out):
         table = table.assign(path=[os.path.relpath(p, folder) if not storage.is_remote(p)
-                                   and os.path.commonpath([folder, p]) == folder else p for p in table["path"]])
+                                   and os.path.commonpath([folder, os.path.abspath(p)]) == folder else p
+                                   for p in table["path"]])
     if out.lower().endswith((".parquet", ".pq")):
         buf = io.BytesIO()
         table.to_parquet(buf, index=False)

@@ -627,11 +627,12 @@ def test_a_converter_names_a_missing_column(tmp_path):
         archives.convert("chexpert", str(root), str(tmp_path / "m.csv"))
 
 
-def test_data_synthetic_writes_a_site_a_manifest_reads_back_exactly(tmp_path, capsys):
-    """`cxr-ray data synthetic` (how `make demo` makes the quickstart's external site): PNG files whose
-    pixels are the drawings, and a manifest whose labels, patients and metadata are the drawings' own."""
-    cli.main(["data", "synthetic", str(tmp_path / "site"), "--images", "30", "--seed", "4", "--shift", "0.5",
-              "--size", "40"])
+def test_data_synthetic_writes_a_site_a_manifest_reads_back_exactly(tmp_path, capsys, monkeypatch):
+    """`cxr-ray data synthetic` (how `make demo` makes the quickstart's external site, into a relative
+    folder): PNG files whose pixels are the drawings, and a manifest whose labels, patients and metadata
+    are the drawings' own."""
+    monkeypatch.chdir(tmp_path)
+    cli.main(["data", "synthetic", "site", "--images", "30", "--seed", "4", "--shift", "0.5", "--size", "40"])
     assert "30 SYNTHETIC images (not medical data)" in capsys.readouterr().out
     source = data.list_source("manifest", str(tmp_path / "site" / "manifest.csv"))
     drawn = synthetic.SyntheticSet(30, 4, 0.5)
