@@ -13,11 +13,12 @@ $(BIN)/cxr-ray: pyproject.toml
 
 install: $(BIN)/cxr-ray
 
-# The quickstart's external site: synthetic PNG films and their manifest (studies/quickstart.yaml).
+# The quickstart's external site: synthetic PNG films and their manifest (studies/quickstart.yaml), at
+# the study's 48 px, so that the files hold exactly the drawings a synthetic source of that site would.
 SITE := runs/sites/othersite
 
 $(SITE)/manifest.csv: | $(BIN)/cxr-ray
-	$(BIN)/cxr-ray data synthetic $(SITE)
+	$(BIN)/cxr-ray data synthetic $(SITE) --size 48
 
 demo: install $(SITE)/manifest.csv
 	$(BIN)/cxr-ray study run studies/quickstart.yaml

@@ -565,7 +565,7 @@ def test_make_demo_writes_the_external_site_the_quickstart_reads_before_running_
     """The quickstart's external set is a manifest of files on disk: `make demo` must make that very table."""
     makefile = (STUDIES.parent / "Makefile").read_text()
     site = re.search(r"^SITE := (\S+)$", makefile, re.M).group(1)
-    assert re.search(r"^\$\(SITE\)/manifest.csv:.*\n\t\$\(BIN\)/cxr-ray data synthetic \$\(SITE\)$", makefile, re.M)
+    assert re.search(r"^\$\(SITE\)/manifest.csv:.*\n\t\$\(BIN\)/cxr-ray data synthetic \$\(SITE\) ", makefile, re.M)
     assert re.search(r"^demo: .*\$\(SITE\)/manifest.csv", makefile, re.M)
     quickstart = load(STUDIES / "quickstart.yaml")
     assert [(e.source, e.path) for e in quickstart.external] == [("manifest", f"{site}/manifest.csv")]
