@@ -22,8 +22,10 @@ class ExternalError(CxrError, ValueError):
     """An external set or site sample that cannot be used; the message names it."""
 
 
-def load_set(ext: specs.External, size: int, cache_root: str | None = None, progress: bool = False) -> data.Cache:
-    """Decode a labelled set (every image, or one source split) at ``size`` into the cache."""
+def load_set(ext: specs.External, size: int, cache_root: str | None = None,
+             progress: bool = False) -> tuple[data.Cache, list[str]]:
+    """Decode a labelled set (every image, or one source split) at ``size`` into the cache; with what
+    listing it noticed (a manifest's sidecar: converter, label policy; rows listed twice; ...)."""
     source = data.list_source(ext.source, ext.path, synthetic=ext.synthetic_set, manifest=ext.manifest_format)
     cache = data.build_cache(source, size, cache_root, progress=progress)
     if ext.split:
@@ -32,14 +34,14 @@ def load_set(ext: specs.External, size: int, cache_root: str | None = None, prog
             raise ExternalError(f"{ext.name}: no images in split {ext.split!r} of {source.path} (splits: "
                                 f"{', '.join(sorted(set(cache.index['source_split'])))})")
         cache = data.Cache(cache.dir, cache.images[keep], cache.index[keep].reset_index(drop=True))
-    return cache
+    return cache, list(source.notes)
 
 
 def audit(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: str | None = None):
     """The set's cache and its overlap with the study's images (flags per image, and a summary).
     The set's index (items, labels, patients, metadata, flags) is kept as external/<name>/index.csv,
     so what is scored there can be broken down by subgroup from the study directory alone."""
-    cache = load_set(ext, spec.data.image_size, cache_root or spec.data.cache)
+    cache, notes = load_set(ext, spec.data.image_size, cache_root or spec.data.cache)
     flagged, summary = data.audit_overlap(cache.index, storage.read_csv(storage.join(sdir, "split.csv"),
                                                                          dtype={"patient": str, "sha1": str}))
     storage.write_csv(storage.join(sdir, "external", ext.name, "index.csv"), flagged)
@@ -47,7 +49,7 @@ def audit(spec: specs.Spec, sdir: str, ext: specs.External, cache_root: str | No
     if ext.source == "synthetic":
         source |= {"synthetic_images": ext.synthetic_images, "synthetic_seed": ext.synthetic_seed,
                    "synthetic_shift": ext.synthetic_shift}
-    return cache, flagged, summary | {"name": ext.name, "set": source, "cache": str(cache.dir),
+    return cache, flagged, summary | {"name": ext.name, "set": source, "notes": notes, "cache": str(cache.dir),
                                       "classes": flagged["label"].value_counts().sort_index().to_dict(),
                                       "composition": data.composition(flagged)}
 
@@ -113,7 +115,7 @@ def calibrate_site(spec: specs.Spec, sdir: str, name: str, ext: specs.External, 
     if not name.replace("-", "").replace("_", "").isalnum():
         raise ExternalError(f"site name must be a word of letters, digits, - and _ (got {name!r})")
     best = storage.read_json(storage.join(sdir, "best.json"))
-    cache = load_set(ext, spec.data.image_size, cache_root)
+    cache, _ = load_set(ext, spec.data.image_size, cache_root)
     y = cache.index["label"].to_numpy()
     if len(set(y)) < 2:
         raise ExternalError(f"site sample {ext.path}: {len(y)} images of a single class; the threshold needs both")

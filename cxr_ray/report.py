@@ -183,6 +183,8 @@ def external_blocks(s: Study, name: str, ext) -> list[Block]:
     blocks = [Block("text", f"External set {name}: {a.get('images', '?')} images ({set_source(a)}), "
                             f"{a.get('scored_images', '?')} scored; each final run scored once at the operating "
                             f"point it chose on validation, nothing retrained.")]
+    if a.get("notes"):
+        blocks.append(Block("note", f"Noted when {name} was listed: " + "; ".join(a["notes"]) + "."))
     same, shared = a.get("same_bytes", {}), a.get("shared_patient_ids", {})
     blocks.append(Block("warn" if same.get("images") else "text",
                         f"Overlap with the study's images: {same.get('images', 0)} byte-identical "

@@ -715,4 +715,9 @@ def test_a_study_runs_end_to_end_from_manifests_with_the_cache_memory_mapped(tmp
     assert groups.loc[("sex", "F"), "n_patients"] == females["patient"].nunique()
     assert set(groups.loc["view"].index) == {"AP", "PA"} and (groups.loc["view", "status"] == "scored").all()
     assert groups.loc["age_band", "n_images"].sum() == len(scored)
-    assert "Subgroups" in (sdir / "report" / "index.html").read_text()
+    # what the manifest's sidecar says of the set (synthetic, not medical data) travels to the report
+    audit = json.loads((sdir / "external" / "siteB" / "audit.json").read_text())
+    assert any(n.startswith("written by `cxr-ray data synthetic --images 120") for n in audit["notes"])
+    html = (sdir / "report" / "index.html").read_text()
+    assert "Subgroups" in html and "Noted when siteB was listed: written by" in html
+    assert "SYNTHETIC demo images drawn by cxr_ray.synthetic: not medical data" in html
