@@ -395,8 +395,12 @@ def png(path: Path, it: synthetic.SyntheticItem, seed: int = 1) -> None:
 
 
 def load(out: Path, **fmt) -> pd.DataFrame:
-    """The converter's manifest read back as a source (so it is a valid manifest), keyed by item."""
-    return data.list_source("manifest", str(out), manifest=ManifestFormat(**fmt)).items.set_index("item")
+    """The converter's manifest read back as a source (so it is a valid manifest), keyed by item, after
+    decoding every image it lists into the cache, as a study's data stage does (PNG, JPEG, DICOM)."""
+    source = data.list_source("manifest", str(out), manifest=ManifestFormat(**fmt))
+    cache = data.build_cache(source, SIZE, out.parent / "cache", progress=False)
+    assert list(cache.index["item"]) == list(source.items["item"]) and cache.images.shape[1:] == (SIZE, SIZE)
+    return source.items.set_index("item")
 
 
 def test_nih_chestxray14(tmp_path):
