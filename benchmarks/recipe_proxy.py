@@ -486,15 +486,12 @@ def study(run: Path) -> None:
     bounds = np.cumsum([0] + [len(x) for x, _ in sets.values()])
     probs = {k: {name: scored[k][a:b] for name, a, b in zip(sets, bounds[:-1], bounds[1:])} for k in keys}
     best = json.loads((run / "best.json").read_text())
-    models_at = [(k, k, t) for k, t in zip(keys, final["threshold"])]
-    for arm in final["arm"].unique():  # the seed ensemble: mean probability, at the served arm's ensemble threshold
-        members = [k for k in keys if k.startswith(f"{arm}/")]
-        probs[f"{arm}/ensemble"] = {n: np.mean([probs[k][n] for k in members], axis=0) for n in sets}
-        if arm == best["arm"]:
-            models_at.append((f"{arm}/ensemble", f"{arm}/ensemble", best["ensemble"]["threshold"]))
+    ensemble = f"{best['arm']}/ensemble"  # the served arm's seeds: mean probability, at the ensemble's point
+    probs[ensemble] = {n: np.mean([probs[k][n] for k in keys if k.startswith(f"{best['arm']}/")], axis=0)
+                       for n in sets}
     rows = []
-    for label, key, t in models_at:
-        row = {"model": label, "served": label == f"{best['arm']}/{best['seed']}", "threshold": t}
+    for key, t in [*zip(keys, final["threshold"]), (ensemble, best["ensemble"]["threshold"])]:
+        row = {"model": key, "served": key == f"{best['arm']}/{best['seed']}", "threshold": t}
         for name, (_, y) in sets.items():
             c = metrics.confusion(y, probs[key][name], t)
             row |= {f"{name}_auroc": metrics.auroc(y, probs[key][name]), f"{name}_accuracy": c["accuracy"],

@@ -206,7 +206,7 @@ def list_synthetic(drawn: SyntheticSet = SyntheticSet()) -> Source:
     )
     tag = f"{drawn.seed}-{drawn.images}" + (f"-shift{drawn.shift:g}" if drawn.shift else "")
     fingerprint = f"synthetic-v{synthetic.GENERATOR_VERSION}-{tag}"
-    notes = ["SYNTHETIC demo images drawn by cxr_ray.synthetic: not medical data"]
+    notes = [synthetic.NOT_MEDICAL]
     label = f"synthetic:{drawn.seed}:{drawn.images}" + (f":{drawn.shift:g}" if drawn.shift else "")
     return Source("synthetic", label, _finish(df), notes, fingerprint, synthetic=drawn)
 

@@ -18,7 +18,8 @@ A manifest is a CSV (optionally gzipped) or Parquet table, on local disk, NFS or
 
 Column names and label values are configurable (``ManifestFormat``: the spec's ``columns``,
 ``positive``, ``negative`` and ``root``). A sidecar ``<table>.json`` written by ``cxr-ray data
-manifest`` or ``cxr-ray data synthetic`` (the converter, its source files, the uncertain-label policy, counts) adds its notes.
+manifest`` or ``cxr-ray data synthetic`` (the converter or command, its source files, the uncertain-label
+policy, counts) adds its notes.
 
 Every problem is one error naming the row and the column: a missing column, an unknown or blank
 label, a blank path, a missing file, a path that leaves ``root``, the same image twice with other
@@ -325,8 +326,10 @@ def sidecar_notes(uri: str) -> list[str]:
         info = storage.read_json(side)
     except (ValueError, OSError):
         return [f"{side}: unreadable sidecar, ignored"]
-    command = info.get("command") or f"cxr-ray data manifest --from {info.get('converter', '?')}"
-    head = f"{'written' if 'command' in info else 'converted'} by `{command}` from {info.get('source', '?')}"
+    if "command" in info:
+        head = f"written by `{info['command']}` from {info.get('source', '?')}"
+    else:
+        head = f"converted by `cxr-ray data manifest --from {info.get('converter', '?')}` from {info.get('source', '?')}"
     if info.get("uncertain"):
         head += f"; uncertain labels: {info['uncertain']}"
     return [head] + list(info.get("notes", []))

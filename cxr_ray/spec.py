@@ -27,7 +27,7 @@ from .data import RESERVED_COLUMNS, SOURCES, DataError, check_image_size
 from .manifest import PATIENT_IS_IMAGE, ROLES, ManifestFormat, label_text
 from .metrics import POLICIES
 from .errors import CxrError
-from .synthetic import SyntheticSet
+from .synthetic import SyntheticError, SyntheticSet
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 # Settings the study owns: a search space or fixed block may not set them.
@@ -541,6 +541,11 @@ def _check_labelled(section: LabelledSet, where: str, file: str) -> None:
         raise SpecError(f"{file}: {where}.source must be one of {', '.join(SOURCES)} (got {section.source!r})")
     if section.source != "synthetic" and not section.path:
         raise SpecError(f"{file}: {where}.path is required for source {section.source!r}")
+    if section.source == "synthetic":
+        try:
+            section.synthetic_set
+        except SyntheticError as e:
+            raise SpecError(f"{file}: {where}: {e}") from None
     defaults = {"columns": {}, "positive": _positive(), "negative": _negative(), "root": None}
     if section.source != "manifest":
         for key, default in defaults.items():

@@ -20,8 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import CxrError
+
 GENERATOR_VERSION = 1
 PNEUMONIA_FRACTION = 0.66  # about 1:2 NORMAL:PNEUMONIA, imbalanced as Kaggle's train split is (1:2.9, 0.74)
+NOT_MEDICAL = "SYNTHETIC demo images drawn by cxr_ray.synthetic: not medical data"  # every such set's note
+
+
+class SyntheticError(CxrError, ValueError):
+    """Drawings that cannot be drawn (no images, a negative shift)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,12 @@ class SyntheticSet:
     images: int = 1200
     seed: int = 0
     shift: float = 0.0
+
+    def __post_init__(self):
+        if self.images < 1:
+            raise SyntheticError(f"synthetic images must be >= 1 (got {self.images})")
+        if self.shift < 0:
+            raise SyntheticError(f"synthetic shift must be >= 0 (got {self.shift:g})")
 
     @property
     def site(self) -> str:
@@ -158,6 +171,8 @@ def write_site(folder: str, drawn: SyntheticSet, size: int = 128) -> dict:
     from PIL import Image
 
     from . import manifest
+    from .data import check_image_size
+    check_image_size(size, "the written images' size")
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     items = listing(drawn.images, drawn.seed)
     for it in items:
@@ -173,5 +188,5 @@ def write_site(folder: str, drawn: SyntheticSet, size: int = 128) -> dict:
             "source": f"cxr_ray.synthetic v{GENERATOR_VERSION}",
             "counts": {"images": len(items), "patients": len({it.patient for it in items}),
                        "positive": positive, "negative": len(items) - positive},
-            "notes": ["SYNTHETIC demo images drawn by cxr_ray.synthetic: not medical data"]}
+            "notes": [NOT_MEDICAL]}
     return manifest.write(table, os.path.join(folder, "manifest.csv"), info)

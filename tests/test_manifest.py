@@ -652,6 +652,17 @@ def test_data_synthetic_writes_a_site_a_manifest_reads_back_exactly(tmp_path, ca
                for n in source.notes)
 
 
+@pytest.mark.parametrize("args, says", [(["--images", "0"], "synthetic images must be >= 1 (got 0)"),
+                                        (["--shift", "-1"], "synthetic shift must be >= 0 (got -1)"),
+                                        (["--size", "0"], "the written images' size must be in")])
+def test_data_synthetic_refuses_what_it_cannot_draw_in_one_line(tmp_path, capsys, args, says):
+    with pytest.raises(SystemExit) as code:
+        cli.main(["data", "synthetic", str(tmp_path / "site")] + args)
+    err = capsys.readouterr().err.strip()
+    assert code.value.code == 2 and err.startswith(f"error: {says}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "site" / "manifest.csv").exists()
+
+
 # ----------------------------------------------------------------------------- a study from manifests
 
 STUDY = """
