@@ -107,8 +107,9 @@ def test_crashed_worker_is_restarted_from_the_last_checkpoint(prepared, local_ra
     thread.join(timeout=300)
     history = read_log(log)
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6] and box["result"].error is None
-    # The replacement worker group continued from the last checkpoint (epoch 2 or later), not from 0.
-    assert history["started_at_epoch"].iloc[0] == 0 and history["started_at_epoch"].iloc[-1] >= 2
+    # The replacement worker group continued from the last checkpoint Train had registered, not from 0:
+    # epoch 1's at least (epoch 2's record can land before its checkpoint is registered, seen in CI).
+    assert history["started_at_epoch"].iloc[0] == 0 and history["started_at_epoch"].iloc[-1] >= 1
     assert history["pid"].nunique() == 2  # two worker processes wrote the record
     assert sorted(training.checkpoints(str(tmp_path / "crash"))) == [5, 6]  # the newest two are kept
 
